@@ -1,0 +1,70 @@
+"""Command-line plumbing shared by the experiment modules (argparse lives only here and in ``__main__``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from guides.registry import parse_guide_spec
+from models.registry import UnknownNameError
+
+from .train import TrainingError
+
+#: errors that are the user's to fix: reported in one line, exit status 2, no traceback
+USER_ERRORS = (ValueError, FileNotFoundError, UnknownNameError, TrainingError)
+
+
+def guide_list(text: str) -> list[str]:
+    """argparse type: a comma-separated list of guide specs, each checked against the registry."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError("give at least one guide name")
+    for s in specs:
+        try:
+            parse_guide_spec(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return specs
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """argparse type: ``"300,300"`` -> (300, 300); ``""`` -> () (a linear network)."""
+    try:
+        out = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
+    return out
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def add_common_args(p: argparse.ArgumentParser, *, default_output: str) -> None:
+    p.add_argument("--seed", type=int, default=0, help="one seed fixes data split, initialisation and sampling")
+    p.add_argument("--output", default=default_output, help="directory for results.json, results.md, figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables on stdout")
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run an experiment's ``main``; user errors become one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        first, *rest = str(e).splitlines() or [type(e).__name__]
+        print(f"error: {first}", file=sys.stderr)
+        for line in rest:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,97 @@
+"""Writing results: ``results.json`` (machine-readable), ``results.md`` (a table), and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+#: (key in a row's "test" dict, column title); rows lacking a key show "—"
+COLUMNS: list[tuple[str, str]] = [
+    ("elbo", "ELBO"),
+    ("iwae", "IWAE-K"),
+    ("exact_log_likelihood", "exact log p(x)"),
+    ("gap_elbo", "gap exact−ELBO"),
+    ("gap_iwae", "gap exact−IWAE"),
+    ("analytic_mean_field_gap", "analytic MF gap"),
+    ("reconstruction", "E log p(x|z)"),
+    ("kl", "KL"),
+    ("active_units", "active units"),
+]
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def results_table(payload: Mapping[str, Any]) -> str:
+    """A Markdown table of every result and baseline row (mean nats per test point)."""
+    rows = [(r["guide"], r["test"], r.get("train_seconds")) for r in payload.get("results", [])]
+    rows += [(b["name"], b["test"], b.get("train_seconds")) for b in payload.get("baselines", [])]
+    used = [(k, t) for k, t in COLUMNS if any(k in test for _, test, _ in rows)]
+    head = ["guide"] + [t for _, t in used] + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, test, secs in rows:
+        cells = [name] + [_fmt(test.get(k)) for k, _ in used] + [_fmt(secs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    k = next((test.get("iwae_k") for _, test, _ in rows if test.get("iwae_k")), None)
+    title = f"{payload.get('experiment', '')} on {payload.get('dataset', '')}"
+    note = f"Mean nats per test point ({rows and len(rows)} rows); IWAE-K with K = {k}." if k else "Mean nats per test point."
+    return f"### {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
+
+
+def write_results(output: str | Path, payload: Mapping[str, Any]) -> dict[str, Path]:
+    """Write ``results.json`` and ``results.md`` into ``output``; returns their paths."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    paths["json"].write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    paths["markdown"].write_text(results_table(payload))
+    return paths
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, tuple | set):
+        return list(v)
+    return str(v)
+
+
+def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                         title: str = "training curves") -> Path:
+    """Per-point training loss (−ELBO) and validation ELBO per epoch, one line per guide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, hist in histories.items():
+        epochs = [h["epoch"] for h in hist]
+        axes[0].plot(epochs, [-h["train_loss"] for h in hist], label=name)
+        val = [(h["epoch"], h["valid_elbo"]) for h in hist if "valid_elbo" in h]
+        if val:
+            axes[1].plot(*zip(*val, strict=True), label=name)
+    axes[0].set(xlabel="epoch", ylabel="train ELBO (nats / point)", title="training objective")
+    axes[1].set(xlabel="epoch", ylabel="valid ELBO (nats / point)", title="validation ELBO")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+            lo = min(min(line.get_ydata()[len(line.get_ydata()) // 10:], default=0) for line in ax.lines)
+            hi = max(max(line.get_ydata(), default=0) for line in ax.lines)
+            if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+                ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

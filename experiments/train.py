@@ -1,0 +1,253 @@
+"""Fitting by stochastic variational inference: ``fit(model, guide, train, valid, TrainConfig(...))``.
+
+The objective is Pyro's ELBO (``Trace_ELBO`` by default) used as a differentiable loss, optimised
+with Adam over minibatches (the data plate rescales each minibatch to the full data set), with
+gradient clipping, optional linear KL warm-up, early stopping on the validation ELBO with restore
+of the best state, checkpoints, and a NaN guard that names the epoch and step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
+
+from models.base import LatentModel
+from models.registry import Registry
+
+from .evaluate import per_point_bounds
+
+ELBOS: Registry[Callable[..., ELBO]] = Registry("ELBO")
+ELBOS.register("trace")(Trace_ELBO)
+ELBOS.register("meanfield")(TraceMeanField_ELBO)  # analytic KL where Pyro knows it
+ELBOS.register("jit")(JitTrace_ELBO)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: the loss became NaN/inf."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    #: minibatch size; ``None`` uses the whole training set each step
+    batch_size: int | None = 100
+    lr: float = 1e-3
+    #: the learning rate decays exponentially to ``lr * lr_final_factor`` over the epochs
+    lr_final_factor: float = 1.0
+    #: clip the global gradient norm to this value (``None``: no clipping)
+    clip_norm: float | None = 100.0
+    num_particles: int = 1
+    #: ELBO estimator: "trace" (Trace_ELBO), "meanfield" (TraceMeanField_ELBO), "jit" (JitTrace_ELBO)
+    elbo: str = "trace"
+    #: epochs over which the weight on the latent terms (the KL) rises linearly to 1; 0 = no warm-up
+    warmup_epochs: int = 0
+    #: stop after this many epochs without a better validation ELBO (``None``: never)
+    patience: int | None = None
+    #: samples per validation point for the validation ELBO
+    val_samples: int = 1
+    #: evaluate the validation ELBO every this many epochs
+    eval_every: int = 1
+    #: restore the state with the best validation ELBO at the end (False: keep the last iterate)
+    restore_best: bool = True
+    #: write ``last.pt`` every this many epochs (``best.pt`` is written on every improvement)
+    checkpoint_every: int = 1
+    train_model: bool = True
+    train_guide: bool = True
+    seed: int = 0
+    #: directory for checkpoints (``None``: no checkpoints)
+    output: str | None = None
+    quiet: bool = False
+    #: stop after this many optimiser steps in total (tests, benchmarks)
+    max_steps: int | None = None
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid_elbo: float | None = None
+    train_seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / max(1, len(self.history))
+
+
+class AnnealLatents(Messenger):
+    """Multiply the log-density of the named latent sites by ``beta`` (KL warm-up), in model and guide."""
+
+    def __init__(self, sites: set[str], beta: float = 1.0) -> None:
+        super().__init__()
+        self.sites, self.beta = sites, beta
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"] and self.beta != 1.0:
+            msg["scale"] = msg["scale"] * self.beta
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` through Pyro."""
+    pyro.set_rng_seed(seed)
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, model: LatentModel, guide: torch.nn.Module) -> dict[str, Any]:
+    """Restore model and guide parameters from a checkpoint written by :func:`fit`."""
+    ckpt = torch.load(path, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    guide.load_state_dict(ckpt["guide"])
+    return ckpt
+
+
+def _latent_sites(model: LatentModel) -> set[str]:
+    return {model.local_site} if model.local_site else set(model.global_sites)
+
+
+def fit(
+    model: LatentModel,
+    guide: Any,
+    train: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    config: TrainConfig | None = None,
+) -> FitResult:
+    """Maximise the ELBO of ``model`` with ``guide`` on ``train``; returns the per-epoch history.
+
+    The best state by validation ELBO (or by training loss when there is no validation set) is
+    restored at the end.
+    """
+    config = config or TrainConfig()
+    train = model.validate(train, name="training data")
+    valid = None if valid is None else model.validate(valid, name="validation data")
+    n = train.shape[0]
+    batch = n if config.batch_size is None else min(int(config.batch_size), n)
+    if batch < 1 or config.epochs < 0 or config.num_particles < 1 or config.lr <= 0:
+        raise ValueError(f"bad training config: batch_size={config.batch_size}, epochs={config.epochs}, "
+                         f"num_particles={config.num_particles}, lr={config.lr}")
+    set_seed(config.seed)
+
+    anneal = AnnealLatents(_latent_sites(model))
+    elbo = ELBOS[config.elbo](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
+                              max_plate_nesting=1)
+
+    def model_fn(x: torch.Tensor, total_size: int | None = None) -> None:
+        with anneal:
+            model(x, total_size)
+
+    def guide_fn(x: torch.Tensor, total_size: int | None = None) -> None:
+        with anneal:
+            guide(x, total_size)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return elbo.differentiable_loss(model_fn, guide_fn, x, n) / n
+
+    loss_fn(train[: min(2, n)])  # creates the lazily built parameters of autoguides
+    model_ids = {id(p) for p in model.parameters()}
+    params = list(model.parameters()) if config.train_model else []
+    if config.train_guide and isinstance(guide, torch.nn.Module):
+        params += [p for p in guide.parameters() if id(p) not in model_ids]
+    params = [p for p in params if p.requires_grad]
+    optim = torch.optim.Adam(params, lr=config.lr) if params else None
+    if optim is None:  # nothing to learn (e.g. the exact guide on a fixed model): one pass for the record
+        config = dataclasses.replace(config, epochs=min(config.epochs, 1))
+    decay = None
+    if optim is not None and config.lr_final_factor != 1.0 and config.epochs > 0:
+        decay = torch.optim.lr_scheduler.ExponentialLR(optim, config.lr_final_factor ** (1 / config.epochs))
+
+    out_dir = Path(config.output) if config.output else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    result = FitResult()
+    best_state = _state(model, guide)
+    best_score, since_best, last_good = -math.inf, 0, None
+    gen = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(n / batch)
+    quiet = config.quiet or not sys.stderr.isatty()
+    bar = tqdm(range(1, config.epochs + 1), desc="train", disable=quiet, leave=False)
+    t0 = time.perf_counter()
+    for epoch in bar:
+        anneal.beta = min(1.0, epoch / config.warmup_epochs) if config.warmup_epochs > 0 else 1.0
+        perm = torch.randperm(n, generator=gen) if batch < n else torch.arange(n)
+        total, count = 0.0, 0
+        for step in range(1, steps_per_epoch + 1):
+            xb = train[perm[(step - 1) * batch: step * batch]]
+            loss = loss_fn(xb)
+            if not torch.isfinite(loss):
+                where = f"epoch {epoch}, step {step}"
+                kept = f"; last good checkpoint: {last_good}" if last_good else ""
+                raise TrainingError(f"loss became {loss.item()} at {where} (global step {result.steps + 1}){kept}")
+            if optim is not None:
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+                optim.step()
+            total += loss.item() * len(xb)
+            count += len(xb)
+            result.steps += 1
+            if config.max_steps and result.steps >= config.max_steps:
+                break
+        row: dict[str, float] = {"epoch": epoch, "train_loss": total / count, "beta": anneal.beta,
+                                 "seconds": time.perf_counter() - t0}
+        if valid is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            model.eval()
+            if isinstance(guide, torch.nn.Module):
+                guide.eval()
+            row["valid_elbo"] = per_point_bounds(model, guide, valid, config.val_samples)["elbo"].mean().item()
+            model.train()
+            if isinstance(guide, torch.nn.Module):
+                guide.train()
+        result.history.append(row)
+        if decay is not None:
+            decay.step()
+        score = row.get("valid_elbo", -row["train_loss"])
+        # during warm-up the objective is not yet the ELBO, so early stopping waits for it to end
+        if anneal.beta == 1.0 and ("valid_elbo" in row or valid is None):
+            if score > best_score:
+                best_score, since_best, result.best_epoch = score, 0, epoch
+                if config.restore_best:
+                    best_state = _state(model, guide)
+                if out_dir and config.restore_best:
+                    _save(out_dir / "best.pt", {**best_state, "epoch": epoch, "config": dataclasses.asdict(config)})
+            else:
+                since_best += 1
+        if out_dir and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+            last_good = out_dir / "last.pt"
+            _save(last_good, {**_state(model, guide), "epoch": epoch, "history": result.history,
+                              "optimizer": optim.state_dict() if optim else None,
+                              "config": dataclasses.asdict(config)})
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{row.get('valid_elbo', float('nan')):.3f}")
+        if config.patience is not None and since_best >= config.patience:
+            break
+        if config.max_steps and result.steps >= config.max_steps:
+            break
+    result.train_seconds = time.perf_counter() - t0
+    if best_score > -math.inf and config.restore_best:
+        model.load_state_dict(best_state["model"])
+        if isinstance(guide, torch.nn.Module):
+            guide.load_state_dict(best_state["guide"])
+    result.best_valid_elbo = best_score if valid is not None and best_score > -math.inf else None
+    return result
+
+
+def _state(model: LatentModel, guide: Any) -> dict[str, Any]:
+    return {"model": copy.deepcopy(model.state_dict()),
+            "guide": copy.deepcopy(guide.state_dict()) if isinstance(guide, torch.nn.Module) else {}}

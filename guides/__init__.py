@@ -1,0 +1,21 @@
+"""Variational families, swappable by name through :data:`GUIDES`.
+
+Importing this package registers every family; ``build_guide("planar:10", model)`` builds one.
+"""
+
+from . import amortized  # noqa: F401  (registers)
+from .amortized import (
+    AmortizedGuide,
+    DiagonalGaussianGuide,
+    Encoder,
+    ExactPosteriorGuide,
+    FullCovGaussianGuide,
+)
+from .config import GuideConfig
+from .registry import GUIDES, GuideEntry, build_guide, guide_names, parse_guide_spec, register_guide
+
+__all__ = [
+    "GUIDES", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder", "ExactPosteriorGuide",
+    "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names", "parse_guide_spec",
+    "register_guide",
+]

@@ -1,0 +1,136 @@
+"""Amortized Gaussian guides: an encoder maps each x to the parameters of q(z|x)."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import Distribution
+from pyro.nn import PyroModule
+from torch import nn
+
+from models.base import LatentModel, data_plate
+
+from .config import GuideConfig
+from .registry import exact_posterior_available, register_guide
+
+
+class Encoder(nn.Module):
+    """MLP x -> h; with no hidden layers h = x (a linear encoder once heads are attached)."""
+
+    def __init__(self, input_dim: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.output_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _scale_head(width: int, out: int, init_scale: float) -> nn.Linear:
+    head = nn.Linear(width, out)
+    with torch.no_grad():
+        head.weight.mul_(0.01)
+        head.bias.fill_(math.log(math.expm1(init_scale)))  # softplus(bias) = init_scale
+    return head
+
+
+class AmortizedGuide(PyroModule):
+    """Base of amortized guides: ``distribution(x)`` is q(z|x) with batch shape ``x.shape[:-1]``.
+
+    ``forward`` samples the model's local site from it inside the shared data plate, so model and
+    guide have the same signature and site names. Subclasses implement :meth:`distribution`.
+    """
+
+    def __init__(self, model: LatentModel, config: GuideConfig) -> None:
+        super().__init__()
+        self.site = model.local_site
+        self.data_dim, self.latent_dim = model.data_dim, model.latent_dim
+        self.config = config
+        self.encoder = Encoder(model.data_dim, tuple(config.hidden))
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+        with data_plate(x.shape[0], total_size):
+            pyro.sample(self.site, self.distribution(x))
+
+
+class DiagonalGaussianGuide(AmortizedGuide):
+    r"""q(z|x) = N(μ_φ(x), diag σ_φ(x)²): the vanilla VAE encoder."""
+
+    def __init__(self, model: LatentModel, config: GuideConfig) -> None:
+        super().__init__(model, config)
+        width, k = self.encoder.output_dim, self.latent_dim
+        self.loc = nn.Linear(width, k)
+        self.scale = _scale_head(width, k, config.init_scale)
+
+    def base(self, h: torch.Tensor) -> dist.Independent:
+        return dist.Normal(self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-6).to_event(1)
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        return self.base(self.encoder(x))
+
+
+class FullCovGaussianGuide(AmortizedGuide):
+    r"""q(z|x) = N(μ_φ(x), L_φ(x) L_φ(x)ᵀ) with L lower-triangular (softplus diagonal)."""
+
+    def __init__(self, model: LatentModel, config: GuideConfig) -> None:
+        super().__init__(model, config)
+        width, k = self.encoder.output_dim, self.latent_dim
+        self.loc = nn.Linear(width, k)
+        self.diag = _scale_head(width, k, config.init_scale)
+        self.offdiag = nn.Linear(width, k * (k - 1) // 2)
+        with torch.no_grad():
+            self.offdiag.weight.mul_(0.01)
+            self.offdiag.bias.zero_()
+        self.register_buffer("_rows", torch.tril_indices(k, k, -1)[0], persistent=False)
+        self.register_buffer("_cols", torch.tril_indices(k, k, -1)[1], persistent=False)
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        h = self.encoder(x)
+        k = self.latent_dim
+        diag = nn.functional.softplus(self.diag(h)) + 1e-6
+        L = h.new_zeros(h.shape[:-1] + (k, k))  # (..., k, k)
+        L[..., self._rows, self._cols] = self.offdiag(h)
+        L = L + torch.diag_embed(diag)
+        return dist.MultivariateNormal(self.loc(h), scale_tril=L)
+
+
+class ExactPosteriorGuide(PyroModule):
+    """q(z|x) = p(z|x), the model's closed-form posterior; it has no parameters of its own."""
+
+    def __init__(self, model: LatentModel) -> None:
+        super().__init__()
+        self.site = model.local_site
+        self.model = model
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        return self.model.exact_posterior(x)
+
+    def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+        with data_plate(x.shape[0], total_size):
+            pyro.sample(self.site, self.distribution(x))
+
+
+@register_guide("amortized", summary="encoder -> diagonal Gaussian per point (the vanilla VAE)")
+def amortized(model: LatentModel, config: GuideConfig, arg: int | None = None) -> DiagonalGaussianGuide:
+    return DiagonalGaussianGuide(model, config)
+
+
+@register_guide("amortized-fullcov", summary="encoder -> full-covariance Gaussian per point (Cholesky)")
+def amortized_fullcov(model: LatentModel, config: GuideConfig, arg: int | None = None) -> FullCovGaussianGuide:
+    return FullCovGaussianGuide(model, config)
+
+
+@register_guide("exact", requires=exact_posterior_available, summary="the model's analytic posterior p(z|x)")
+def exact(model: LatentModel, config: GuideConfig, arg: int | None = None) -> ExactPosteriorGuide:
+    return ExactPosteriorGuide(model)

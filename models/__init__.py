@@ -1,0 +1,20 @@
+"""Generative latent-variable models written as Pyro model functions.
+
+Each model is a :class:`~models.base.LatentModel` registered by name in :data:`MODELS`;
+importing this package registers every model family.
+"""
+
+import pyro
+
+from . import factor_analysis  # noqa: F401  (registers)
+from .base import DATA_PLATE, LatentModel, check_matrix, data_plate
+from .factor_analysis import PPCA, FactorAnalysis, FactorAnalysisConfig
+from .registry import MODELS, Registry, UnknownNameError, register_model
+
+# guides compared side by side must never share parameters through the global param store
+pyro.settings.set(module_local_params=True)
+
+__all__ = [
+    "DATA_PLATE", "MODELS", "PPCA", "FactorAnalysis", "FactorAnalysisConfig", "LatentModel", "Registry",
+    "UnknownNameError", "check_matrix", "data_plate", "register_model",
+]

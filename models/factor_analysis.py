@@ -1,0 +1,143 @@
+"""Factor analysis and probabilistic PCA as Pyro models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroParam
+
+from .base import LatentModel, data_plate
+from .registry import register_model
+
+
+@dataclass
+class FactorAnalysisConfig:
+    data_dim: int
+    latent_dim: int
+    #: lower bound on each noise variance; keeps Heywood cases (Ψ_i -> 0) from diverging
+    min_noise: float = 1e-6
+    init_scale: float = 0.1
+
+
+@register_model("factor_analysis")
+class FactorAnalysis(LatentModel):
+    r"""Factor analysis.
+
+    .. math::
+        z_n \sim \mathcal N(0, I_k), \qquad
+        x_n \mid z_n \sim \mathcal N(\mu + W z_n, \Psi), \quad \Psi = \mathrm{diag}(\psi_1..\psi_D)
+
+    so that :math:`x_n \sim \mathcal N(\mu, W W^\top + \Psi)` and
+    :math:`p(z \mid x) = \mathcal N(G W^\top \Psi^{-1}(x - \mu), G)` with
+    :math:`G = (I + W^\top \Psi^{-1} W)^{-1}`. ``W``, ``μ``, ``Ψ`` are point-estimated parameters.
+    """
+
+    Config = FactorAnalysisConfig
+    has_exact_posterior = True
+
+    def __init__(self, config: FactorAnalysisConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.data_dim, self.latent_dim = config.data_dim, config.latent_dim
+        if self.latent_dim < 1 or self.data_dim < 1:
+            raise ValueError(f"latent_dim and data_dim must be >= 1, got {self.latent_dim}, {self.data_dim}")
+        D, k = self.data_dim, self.latent_dim
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(config.init_scale * torch.randn(D, k, generator=g))
+        self.mu = torch.nn.Parameter(torch.zeros(D))
+        self._init_noise(torch.ones(D))
+
+    def _init_noise(self, var: torch.Tensor) -> None:
+        self.psi = PyroParam(var.clamp_min(2 * self.config.min_noise),
+                             constraint=constraints.greater_than(self.config.min_noise))
+
+    @property
+    def noise_variance(self) -> torch.Tensor:
+        """Ψ as a vector of D variances."""
+        return self.psi
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.mu.copy_(x.mean(0))
+            var = x.var(0) if len(x) > 1 else torch.ones(self.data_dim, dtype=x.dtype)
+            self._init_noise(var.to(self.W.dtype) / 2)
+
+    def set_parameters(self, W: torch.Tensor, mu: torch.Tensor, noise_variance: torch.Tensor) -> None:
+        """Set (W, μ, Ψ), e.g. to scikit-learn's EM solution."""
+        with torch.no_grad():
+            self.W.copy_(torch.as_tensor(W, dtype=self.W.dtype))
+            self.mu.copy_(torch.as_tensor(mu, dtype=self.mu.dtype))
+            self._init_noise(torch.as_tensor(noise_variance, dtype=self.W.dtype).expand(self.data_dim))
+
+    def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+        W, mu, sd = self.W, self.mu, self.noise_variance.sqrt()
+        with data_plate(x.shape[0], total_size):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(mu[: self.latent_dim]), 1.0)
+                            .expand([self.latent_dim]).to_event(1))
+            loc = mu + z @ W.T  # (..., N, D)
+            pyro.sample("x", dist.Normal(loc, sd).to_event(1), obs=x)
+
+    def marginal(self) -> dist.LowRankMultivariateNormal:
+        """p(x) = N(μ, W Wᵀ + Ψ)."""
+        return dist.LowRankMultivariateNormal(self.mu, self.W, self.noise_variance)
+
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        return self.marginal().log_prob(x)
+
+    def posterior_precision(self) -> torch.Tensor:
+        """G⁻¹ = I + Wᵀ Ψ⁻¹ W, shared by every data point."""
+        W = self.W
+        return torch.eye(self.latent_dim, dtype=W.dtype) + (W.T / self.noise_variance) @ W
+
+    def posterior_covariance(self) -> torch.Tensor:
+        """G = (I + Wᵀ Ψ⁻¹ W)⁻¹."""
+        return torch.cholesky_inverse(torch.linalg.cholesky(self.posterior_precision()))
+
+    def exact_posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
+        G = self.posterior_covariance()
+        mean = ((x - self.mu) / self.noise_variance) @ self.W @ G  # (N, k)
+        # one k x k Cholesky factor broadcast over points, not one per point
+        return dist.MultivariateNormal(mean, scale_tril=torch.linalg.cholesky(G))
+
+    def mean_field_gap(self) -> float:
+        """KL(q* || p(z|x)) for the best diagonal Gaussian q*, the same for every x (nats per point).
+
+        For a Gaussian posterior N(m, G) the optimal fully factorised Gaussian has precisions
+        diag(G⁻¹), leaving KL = ½ Σᵢ log (G⁻¹)ᵢᵢ + ½ log det G.
+        """
+        with torch.no_grad():
+            precision = self.posterior_precision().double()
+            return float(0.5 * precision.diagonal().log().sum() - 0.5 * torch.logdet(precision))
+
+
+@register_model("ppca")
+class PPCA(FactorAnalysis):
+    r"""Probabilistic PCA: factor analysis with isotropic noise, :math:`\Psi = \sigma^2 I`.
+
+    .. math:: z_n \sim \mathcal N(0, I_k), \qquad x_n \mid z_n \sim \mathcal N(\mu + W z_n, \sigma^2 I)
+    """
+
+    def _init_noise(self, var: torch.Tensor) -> None:
+        self.sigma2 = PyroParam(var.mean().clamp_min(2 * self.config.min_noise).reshape(()),
+                                constraint=constraints.greater_than(self.config.min_noise))
+
+    @property
+    def noise_variance(self) -> torch.Tensor:
+        return self.sigma2.expand(self.data_dim)
+
+    def mle(self, x: torch.Tensor) -> None:
+        """Set the closed-form maximum-likelihood solution (Tipping & Bishop 1999)."""
+        with torch.no_grad():
+            mu = x.mean(0)
+            cov = torch.cov((x - mu).T, correction=0)
+            evals, evecs = torch.linalg.eigh(cov)
+            evals, evecs = evals.flip(0), evecs.flip(1)
+            k = self.latent_dim
+            sigma2 = evals[k:].mean() if k < self.data_dim else evals.new_tensor(self.config.min_noise)
+            W = evecs[:, :k] * (evals[:k] - sigma2).clamp_min(0).sqrt()
+            self.set_parameters(W, mu, sigma2)
+
