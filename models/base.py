@@ -67,8 +67,16 @@ class LatentModel(PyroModule):
     #: whether :meth:`exact_posterior` is implemented
     has_exact_posterior: ClassVar[bool] = False
 
+    #: name in ``experiments.train.ELBOS`` of the estimator this model trains with by default
+    default_elbo: str = "trace"
+
     data_dim: int
     latent_dim: int
+
+    @classmethod
+    def example(cls, seed: int = 0) -> tuple[LatentModel, torch.Tensor]:
+        """A tiny instance and data to match, used by the contract tests over every model x guide pair."""
+        raise NotImplementedError(f"{cls.__name__} does not provide example()")
 
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
         """Check data at the boundary: 2-D, right width, finite (subclasses add their own rules)."""

@@ -51,6 +51,15 @@ class FactorAnalysis(LatentModel):
         self.mu = torch.nn.Parameter(torch.zeros(D))
         self._init_noise(torch.ones(D))
 
+    @classmethod
+    def example(cls, seed: int = 0) -> tuple[FactorAnalysis, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        W, mu = torch.randn(6, 2, generator=g), torch.randn(6, generator=g)
+        x = mu + torch.randn(32, 2, generator=g) @ W.T + 0.5 * torch.randn(32, 6, generator=g)
+        model = cls(FactorAnalysisConfig(6, 2))
+        model.init_from_data(x)
+        return model, x
+
     def _init_noise(self, var: torch.Tensor) -> None:
         self.psi = PyroParam(var.clamp_min(2 * self.config.min_noise),
                              constraint=constraints.greater_than(self.config.min_noise))
