@@ -13,6 +13,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,18 +123,13 @@ def _latent_sites(model: LatentModel) -> set[str]:
     return {model.local_site} if model.local_site else set(model.global_sites)
 
 
-def fit(
+def _fit(
     model: LatentModel,
     guide: Any,
     train: torch.Tensor,
     valid: torch.Tensor | None = None,
     config: TrainConfig | None = None,
 ) -> FitResult:
-    """Maximise the ELBO of ``model`` with ``guide`` on ``train``; returns the per-epoch history.
-
-    The best state by validation ELBO (or by training loss when there is no validation set) is
-    restored at the end.
-    """
     config = config or TrainConfig()
     train = model.validate(train, name="training data")
     valid = None if valid is None else model.validate(valid, name="validation data")
@@ -145,19 +141,24 @@ def fit(
     set_seed(config.seed)
 
     anneal = AnnealLatents(_latent_sites(model))
+    jit = {"ignore_jit_warnings": True} if config.elbo == "jit" else {}
     elbo = ELBOS[config.elbo](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
-                              max_plate_nesting=1)
+                              max_plate_nesting=1, **jit)
 
-    def model_fn(x: torch.Tensor, total_size: int | None = None) -> None:
+    # beta travels as a keyword so that JitTrace_ELBO (which hashes keywords) retraces when it changes
+    def model_fn(x: torch.Tensor, total_size: int | None = None, beta: float = 1.0) -> None:
+        anneal.beta = beta
         with anneal:
             model(x, total_size)
 
-    def guide_fn(x: torch.Tensor, total_size: int | None = None) -> None:
+    def guide_fn(x: torch.Tensor, total_size: int | None = None, beta: float = 1.0) -> None:
+        anneal.beta = beta
         with anneal:
             guide(x, total_size)
 
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        return elbo.differentiable_loss(model_fn, guide_fn, x, n) / n
+    def loss_fn(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        # total_size as a keyword: JitTrace_ELBO traces tensor arguments and hashes keyword arguments
+        return elbo.differentiable_loss(model_fn, guide_fn, x, total_size=n, beta=beta) / n
 
     loss_fn(train[: min(2, n)])  # creates the lazily built parameters of autoguides
     model_ids = {id(p) for p in model.parameters()}
@@ -179,17 +180,18 @@ def fit(
     best_state = _state(model, guide)
     best_score, since_best, last_good = -math.inf, 0, None
     gen = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = math.ceil(n / batch)
+    # a traced graph is specialised to its input shape, so the JIT drops a last, smaller minibatch
+    steps_per_epoch = n // batch if config.elbo == "jit" else math.ceil(n / batch)
     quiet = config.quiet or not sys.stderr.isatty()
     bar = tqdm(range(1, config.epochs + 1), desc="train", disable=quiet, leave=False)
     t0 = time.perf_counter()
     for epoch in bar:
-        anneal.beta = min(1.0, epoch / config.warmup_epochs) if config.warmup_epochs > 0 else 1.0
+        beta = min(1.0, epoch / config.warmup_epochs) if config.warmup_epochs > 0 else 1.0
         perm = torch.randperm(n, generator=gen) if batch < n else torch.arange(n)
         total, count = 0.0, 0
         for step in range(1, steps_per_epoch + 1):
             xb = train[perm[(step - 1) * batch: step * batch]]
-            loss = loss_fn(xb)
+            loss = loss_fn(xb, beta)
             if not torch.isfinite(loss):
                 where = f"epoch {epoch}, step {step}"
                 kept = f"; last good checkpoint: {last_good}" if last_good else ""
@@ -205,7 +207,7 @@ def fit(
             result.steps += 1
             if config.max_steps and result.steps >= config.max_steps:
                 break
-        row: dict[str, float] = {"epoch": epoch, "train_loss": total / count, "beta": anneal.beta,
+        row: dict[str, float] = {"epoch": epoch, "train_loss": total / count, "beta": beta,
                                  "seconds": time.perf_counter() - t0}
         if valid is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             model.eval()
@@ -220,7 +222,7 @@ def fit(
             decay.step()
         score = row.get("valid_elbo", -row["train_loss"])
         # during warm-up the objective is not yet the ELBO, so early stopping waits for it to end
-        if anneal.beta == 1.0 and ("valid_elbo" in row or valid is None):
+        if beta == 1.0 and ("valid_elbo" in row or valid is None):
             if score > best_score:
                 best_score, since_best, result.best_epoch = score, 0, epoch
                 if config.restore_best:
@@ -246,6 +248,34 @@ def fit(
             guide.load_state_dict(best_state["guide"])
     result.best_valid_elbo = best_score if valid is not None and best_score > -math.inf else None
     return result
+
+
+def fit(
+    model: LatentModel,
+    guide: Any,
+    train: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    config: TrainConfig | None = None,
+) -> FitResult:
+    """Maximise the ELBO of ``model`` with ``guide`` on ``train``; returns the per-epoch history.
+
+    The best state by validation ELBO (or by training loss when there is no validation set) is
+    restored at the end unless ``config.restore_best`` is False.
+
+    With ``config.elbo == "jit"`` (``JitTrace_ELBO``), parameters must live in Pyro's global
+    parameter store, which the JIT reads; the fit then runs with ``module_local_params`` off and a
+    store cleared before and after, so fits compared in one process still never share parameters.
+    """
+    config = config or TrainConfig()
+    if config.elbo != "jit":
+        return _fit(model, guide, train, valid, config)
+    with pyro.settings.context(module_local_params=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        pyro.clear_param_store()
+        try:
+            return _fit(model, guide, train, valid, config)
+        finally:
+            pyro.clear_param_store()
 
 
 def _state(model: LatentModel, guide: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Importing this package registers every family; ``build_guide("planar:10", model)`` builds one.
 """
 
-from . import amortized  # noqa: F401  (registers)
+from . import amortized, flows  # noqa: F401  (registers)
 from .amortized import (
     AmortizedGuide,
     DiagonalGaussianGuide,
@@ -12,10 +12,11 @@ from .amortized import (
     FullCovGaussianGuide,
 )
 from .config import GuideConfig
+from .flows import FLOWS, AmortizedFlowGuide
 from .registry import GUIDES, GuideEntry, build_guide, guide_names, parse_guide_spec, register_guide
 
 __all__ = [
-    "GUIDES", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder", "ExactPosteriorGuide",
+    "FLOWS", "GUIDES", "AmortizedFlowGuide", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder", "ExactPosteriorGuide",
     "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names", "parse_guide_spec",
     "register_guide",
 ]

@@ -7,7 +7,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import Distribution
+from pyro.distributions import Distribution, constraints
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -80,8 +80,33 @@ class DiagonalGaussianGuide(AmortizedGuide):
         return self.base(self.encoder(x))
 
 
+class CholeskyAffine(torch.distributions.Transform):
+    """y = loc + L x with batched lower-triangular L; log|det| = Σᵢ log Lᵢᵢ (no solve for cached samples)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        super().__init__(cache_size=1)
+        self.loc, self.scale_tril = loc, scale_tril
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loc + (self.scale_tril @ x.unsqueeze(-1)).squeeze(-1)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.scale_tril, (y - self.loc).unsqueeze(-1), upper=False).squeeze(-1)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(x.shape[:-1])
+
+
 class FullCovGaussianGuide(AmortizedGuide):
-    r"""q(z|x) = N(μ_φ(x), L_φ(x) L_φ(x)ᵀ) with L lower-triangular (softplus diagonal)."""
+    r"""q(z|x) = N(μ_φ(x), L_φ(x) L_φ(x)ᵀ) with L lower-triangular (softplus diagonal).
+
+    Written as z = μ + L ε, ε ~ N(0, I), so log q(z|x) = log N(ε; 0, I) − Σᵢ log Lᵢᵢ for the guide's own
+    samples: no triangular solve, whose float32 round-off an optimiser can otherwise exploit.
+    """
 
     def __init__(self, model: LatentModel, config: GuideConfig) -> None:
         super().__init__(model, config)
@@ -95,14 +120,17 @@ class FullCovGaussianGuide(AmortizedGuide):
         self.register_buffer("_rows", torch.tril_indices(k, k, -1)[0], persistent=False)
         self.register_buffer("_cols", torch.tril_indices(k, k, -1)[1], persistent=False)
 
-    def distribution(self, x: torch.Tensor) -> Distribution:
-        h = self.encoder(x)
+    def scale_tril(self, h: torch.Tensor) -> torch.Tensor:
         k = self.latent_dim
-        diag = nn.functional.softplus(self.diag(h)) + 1e-6
         L = h.new_zeros(h.shape[:-1] + (k, k))  # (..., k, k)
         L[..., self._rows, self._cols] = self.offdiag(h)
-        L = L + torch.diag_embed(diag)
-        return dist.MultivariateNormal(self.loc(h), scale_tril=L)
+        return L + torch.diag_embed(nn.functional.softplus(self.diag(h)) + 1e-6)
+
+    def distribution(self, x: torch.Tensor) -> Distribution:
+        h = self.encoder(x)
+        loc = self.loc(h)
+        base = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+        return dist.TransformedDistribution(base, [CholeskyAffine(loc, self.scale_tril(h))])
 
 
 class ExactPosteriorGuide(PyroModule):

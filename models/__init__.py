@@ -6,15 +6,16 @@ importing this package registers every model family.
 
 import pyro
 
-from . import factor_analysis  # noqa: F401  (registers)
+from . import factor_analysis, vae  # noqa: F401  (registers)
 from .base import DATA_PLATE, LatentModel, check_matrix, data_plate
 from .factor_analysis import PPCA, FactorAnalysis, FactorAnalysisConfig
 from .registry import MODELS, Registry, UnknownNameError, register_model
+from .vae import DECODERS, PRIORS, VAE, VAEConfig
 
 # guides compared side by side must never share parameters through the global param store
 pyro.settings.set(module_local_params=True)
 
 __all__ = [
     "DATA_PLATE", "MODELS", "PPCA", "FactorAnalysis", "FactorAnalysisConfig", "LatentModel", "Registry",
-    "UnknownNameError", "check_matrix", "data_plate", "register_model",
+    "UnknownNameError", "check_matrix", "data_plate", "register_model", "DECODERS", "PRIORS", "VAE", "VAEConfig",
 ]
