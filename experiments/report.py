@@ -42,7 +42,7 @@ def results_table(payload: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     k = next((test.get("iwae_k") for _, test, _ in rows if test.get("iwae_k")), None)
     title = f"{payload.get('experiment', '')} on {payload.get('dataset', '')}"
-    note = f"Mean nats per test point ({rows and len(rows)} rows); IWAE-K with K = {k}." if k else "Mean nats per test point."
+    note = "Mean nats per test point" + (f"; IWAE-K with K = {k}." if k else ".")
     return f"### {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 

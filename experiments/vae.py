@@ -174,8 +174,8 @@ def parse_args(argv: Sequence[str] | None = None) -> VAEExperimentConfig:
     add_common_args(p, default_output=d.output)
     a = p.parse_args(argv)
     train = dataclasses.replace(d.train, epochs=a.epochs, warmup_epochs=a.warmup_epochs, patience=a.patience,
-                                batch_size=a.batch_size, lr=a.lr, lr_final_factor=a.lr_final_factor, max_steps=a.max_steps,
-                                elbo="jit" if a.jit else "trace")
+                                batch_size=a.batch_size, lr=a.lr, lr_final_factor=a.lr_final_factor,
+                                max_steps=a.max_steps, elbo="jit" if a.jit else "trace")
     return VAEExperimentConfig(dataset=a.dataset, data_dir=a.data_dir, guides=a.guide, latent_dim=a.latent_dim,
                                hidden=a.hidden, flow_hidden=a.flow_hidden, decoder=a.decoder,
                                architecture=a.architecture, prior=a.prior, train=train, iwae_k=a.iwae_k,

@@ -16,7 +16,7 @@ from .flows import FLOWS, AmortizedFlowGuide
 from .registry import GUIDES, GuideEntry, build_guide, guide_names, parse_guide_spec, register_guide
 
 __all__ = [
-    "FLOWS", "GUIDES", "AmortizedFlowGuide", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder", "ExactPosteriorGuide",
-    "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names", "parse_guide_spec",
-    "register_guide",
+    "FLOWS", "GUIDES", "AmortizedFlowGuide", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder",
+    "ExactPosteriorGuide", "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names",
+    "parse_guide_spec", "register_guide",
 ]

@@ -4,8 +4,10 @@ A diagonal Gaussian base from the encoder is pushed through K transforms whose p
 produced by hypernetworks from the encoder's hidden features h(x):
 
 .. math::
-    z_0 \sim \mathcal N(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2), \qquad z_K = f_K \circ \dots \circ f_1(z_0; h(x)),
-    \qquad \log q_K(z_K \mid x) = \log q_0(z_0 \mid x) - \sum_{k=1}^K \log \left|\det \frac{\partial f_k}{\partial z_{k-1}}\right|
+    z_0 \sim \mathcal N(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2), \qquad
+    z_K = f_K \circ \dots \circ f_1(z_0; h(x)),
+    \qquad \log q_K(z_K \mid x) = \log q_0(z_0 \mid x)
+        - \sum_{k=1}^K \log \left|\det \frac{\partial f_k}{\partial z_{k-1}}\right|
 
 Each family is a registry entry (``planar:K``, ``radial:K``, ``iaf:K``, ``householder:K``, ``spline:K``):
 a transform factory handed to :class:`AmortizedFlowGuide`, as Pyro's ``AutoIAFNormal`` is a factory handed
