@@ -82,6 +82,8 @@ class FitResult:
     best_valid_elbo: float | None = None
     train_seconds: float = 0.0
     steps: int = 0
+    #: wall time of every optimiser step (loss, backward, update), for benchmarks
+    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -191,6 +193,7 @@ def _fit(
         total, count = 0.0, 0
         for step in range(1, steps_per_epoch + 1):
             xb = train[perm[(step - 1) * batch: step * batch]]
+            t_step = time.perf_counter()
             loss = loss_fn(xb, beta)
             if not torch.isfinite(loss):
                 where = f"epoch {epoch}, step {step}"
@@ -203,6 +206,7 @@ def _fit(
                     torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
                 optim.step()
             total += loss.item() * len(xb)
+            result.step_seconds.append(time.perf_counter() - t_step)
             count += len(xb)
             result.steps += 1
             if config.max_steps and result.steps >= config.max_steps:

@@ -21,6 +21,7 @@ import torch
 
 from guides import GuideConfig, build_guide
 from models import PRIORS, VAE, VAEConfig
+from models.vae import ACTIVATIONS
 
 from .cli import add_common_args, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
@@ -44,6 +45,8 @@ class VAEExperimentConfig:
     #: "bernoulli" or "gaussian"; default: bernoulli for binary data, gaussian otherwise
     decoder: str | None = None
     architecture: str = "mlp"
+    #: nonlinearity of encoder and decoder
+    activation: str = "relu"
     prior: str = "standard"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=100, batch_size=100, lr=1e-3, lr_final_factor=0.3, warmup_epochs=10, patience=20, clip_norm=100.0))
@@ -60,8 +63,9 @@ class VAEExperimentConfig:
 def build(cfg: VAEExperimentConfig, ds: Dataset, spec: str) -> tuple[VAE, Any]:
     decoder = cfg.decoder or ("bernoulli" if ds.binary else "gaussian")
     model = VAE(VAEConfig(data_dim=ds.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, decoder=decoder,
-                          architecture=cfg.architecture, prior=cfg.prior))
-    guide = build_guide(spec, model, GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden))
+                          architecture=cfg.architecture, activation=cfg.activation, prior=cfg.prior))
+    guide = build_guide(spec, model, GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden,
+                                                 activation=cfg.activation))
     return model, guide
 
 
@@ -158,6 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> VAEExperimentConfig:
     p.add_argument("--flow-hidden", type=int_tuple, default=d.flow_hidden)
     p.add_argument("--decoder", choices=["bernoulli", "gaussian"], default=None)
     p.add_argument("--architecture", choices=["mlp", "conv"], default=d.architecture)
+    p.add_argument("--activation", choices=list(ACTIVATIONS), default=d.activation)
     p.add_argument("--prior", choices=PRIORS.names(), default=d.prior)
     p.add_argument("--epochs", type=positive_int, default=d.train.epochs)
     p.add_argument("--warmup-epochs", type=int, default=d.train.warmup_epochs)
@@ -178,7 +183,8 @@ def parse_args(argv: Sequence[str] | None = None) -> VAEExperimentConfig:
                                 max_steps=a.max_steps, elbo="jit" if a.jit else "trace")
     return VAEExperimentConfig(dataset=a.dataset, data_dir=a.data_dir, guides=a.guide, latent_dim=a.latent_dim,
                                hidden=a.hidden, flow_hidden=a.flow_hidden, decoder=a.decoder,
-                               architecture=a.architecture, prior=a.prior, train=train, iwae_k=a.iwae_k,
+                               architecture=a.architecture, activation=a.activation, prior=a.prior, train=train,
+                               iwae_k=a.iwae_k,
                                test_subset=a.test_subset, subset=a.subset, seed=a.seed, output=a.output,
                                quiet=a.quiet)
 

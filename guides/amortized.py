@@ -12,6 +12,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from models.base import LatentModel, data_plate
+from models.vae import ACTIVATIONS
 
 from .config import GuideConfig
 from .registry import exact_posterior_available, register_guide
@@ -20,12 +21,14 @@ from .registry import exact_posterior_available, register_guide
 class Encoder(nn.Module):
     """MLP x -> h; with no hidden layers h = x (a linear encoder once heads are attached)."""
 
-    def __init__(self, input_dim: int, hidden: tuple[int, ...]) -> None:
+    def __init__(self, input_dim: int, hidden: tuple[int, ...], activation: str = "relu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = []
         width = input_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             width = h
         self.net = nn.Sequential(*layers)
         self.output_dim = width
@@ -54,7 +57,7 @@ class AmortizedGuide(PyroModule):
         self.site = model.local_site
         self.data_dim, self.latent_dim = model.data_dim, model.latent_dim
         self.config = config
-        self.encoder = Encoder(model.data_dim, tuple(config.hidden))
+        self.encoder = Encoder(model.data_dim, tuple(config.hidden), config.activation)
 
     def distribution(self, x: torch.Tensor) -> Distribution:
         raise NotImplementedError
