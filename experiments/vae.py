@@ -139,9 +139,10 @@ def plot_vae_figures(model: VAE, guide: Any, ds: Dataset, test: torch.Tensor, pr
         z = guide.distribution(test).sample((32,)).mean(0)
         fig, ax = plt.subplots(figsize=(6, 5))
         labels = ds.labels.get("test")
-        sc = ax.scatter(z[:, 0], z[:, 1], s=4, c=None if labels is None else labels[: len(test)], cmap="tab10")
-        if labels is not None:
-            fig.colorbar(sc, ax=ax, label="label")
+        if labels is None:
+            ax.scatter(z[:, 0], z[:, 1], s=4)
+        else:
+            fig.colorbar(ax.scatter(z[:, 0], z[:, 1], s=4, c=labels[: len(test)], cmap="tab10"), ax=ax, label="label")
         ax.set(xlabel="z1", ylabel="z2", title="posterior means of test points")
         fig.savefig(f"{prefix}_latent.png", dpi=100, bbox_inches="tight")
         plt.close(fig)

@@ -1,0 +1,155 @@
+"""VAE model, evaluation bounds, JIT training and the VAE experiment on small data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from experiments import vae as vae_experiment
+from experiments.evaluate import EvalConfig, evaluate, per_point_bounds
+from experiments.train import TrainConfig, fit
+from guides import GuideConfig, build_guide
+from models import VAE, VAEConfig
+
+
+def _binary(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # two prototype patterns plus flips: structure a VAE can learn quickly
+    protos = (torch.rand(2, d, generator=g) < 0.5).float()
+    x = protos[torch.randint(0, 2, (n,), generator=g)]
+    flips = torch.rand(n, d, generator=g) < 0.05
+    return torch.where(flips, 1 - x, x)
+
+
+def test_bernoulli_decoder_rejects_non_binary_data() -> None:
+    model = VAE(VAEConfig(data_dim=5, latent_dim=2, hidden=(4,)))
+    guide = build_guide("amortized", model, GuideConfig(hidden=(4,)))
+    x = torch.full((3, 5), 0.5)
+    with pytest.raises(ValueError, match="binary 0/1 data"):
+        model.validate(x)
+    with pytest.raises(ValueError, match="binary 0/1 data"):
+        fit(model, guide, x, None, TrainConfig(epochs=1, quiet=True))
+    with pytest.raises(ValueError, match="binary 0/1 data"):
+        evaluate(model, guide, x)
+
+
+def test_gaussian_decoder_accepts_continuous_data_and_learns() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 5) @ torch.randn(5, 5)
+    model = VAE(VAEConfig(data_dim=5, latent_dim=2, hidden=(16,), decoder="gaussian"))
+    guide = build_guide("amortized", model, GuideConfig(hidden=(16,)))
+    before = evaluate(model, guide, x, EvalConfig(iwae_k=16))["elbo"]
+    fit(model, guide, x, None, TrainConfig(epochs=60, batch_size=None, lr=3e-2, quiet=True))
+    after = evaluate(model, guide, x, EvalConfig(iwae_k=16))["elbo"]
+    assert math.isfinite(after) and after > before + 1.0
+
+
+def test_iwae_bounds_ELBO_and_rises_with_k() -> None:
+    torch.manual_seed(0)
+    x = _binary(200, 12)
+    model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(16,)))
+    guide = build_guide("amortized", model, GuideConfig(hidden=(16,)))
+    fit(model, guide, x, None, TrainConfig(epochs=30, batch_size=50, lr=1e-2, quiet=True))
+    means, ses = [], []
+    for k in (1, 10, 100, 1000):
+        b = per_point_bounds(model, guide, x, k)
+        means.append(b["iwae"].mean().item())
+        ses.append(b["iwae"].std().item() / math.sqrt(len(x)))
+        assert (b["iwae"] >= b["elbo"] - 1e-5).all()  # log-mean-exp >= mean, point by point (Jensen)
+    # each step up in K must gain more than three standard errors of the difference's noise
+    for (m0, s0), (m1, s1) in zip(zip(means, ses, strict=True), zip(means[1:], ses[1:], strict=True), strict=False):
+        assert m1 > m0 - 3 * math.hypot(s0, s1)
+    assert means[-1] > means[0] + 0.05, means  # a trained diagonal guide still leaves a measurable gap
+
+
+def test_mixture_prior_trains() -> None:
+    x = _binary(32, 12)
+    model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,), prior="mog", prior_components=3))
+    guide = build_guide("planar:2", model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
+    result = fit(model, guide, x, None, TrainConfig(epochs=3, batch_size=16, quiet=True))
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert model.sample(4).shape == (4, 12)
+
+
+def test_kl_warmup_is_linear_and_early_stopping_waits_for_it() -> None:
+    x = _binary(40, 12)
+    model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
+    guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
+    r = fit(model, guide, x, x[:10], TrainConfig(epochs=6, batch_size=20, warmup_epochs=4, patience=1, quiet=True))
+    assert [h["beta"] for h in r.history[:4]] == [0.25, 0.5, 0.75, 1.0]
+    assert r.best_epoch >= 4
+
+
+@pytest.mark.parametrize("spec", ["amortized", "iaf:2", "planar:2"])
+def test_jit_training_matches_trace_setup_and_leaves_no_global_state(spec: str) -> None:
+    x = _binary(40, 12)
+    model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
+    guide = build_guide(spec, model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
+    before = [p.detach().clone() for p in guide.parameters()]
+    r = fit(model, guide, x, None, TrainConfig(epochs=3, batch_size=20, warmup_epochs=2, elbo="jit", quiet=True))
+    assert all(math.isfinite(h["train_loss"]) for h in r.history)
+    assert any(not torch.equal(b, p) for b, p in zip(before, guide.parameters(), strict=True))
+    assert len(pyro.get_param_store()) == 0
+    assert pyro.settings.get("module_local_params") is True
+
+
+def _write_fake_mnist(directory: Path, n: int = 500) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {k: np.packbits((rng.random((n, 784)) < 0.13).astype(np.uint8), axis=1)
+              for k in ("train", "valid", "test")}
+    np.savez_compressed(directory / "binarized_mnist.npz", **arrays)
+
+
+def test_vae_experiment_end_to_end_on_500_images(tmp_path: Path) -> None:
+    _write_fake_mnist(tmp_path)
+    out = tmp_path / "run"
+    code = vae_experiment.main(["--data-dir", str(tmp_path), "--guide", "amortized,planar:2,iaf:1", "--epochs", "2",
+                                "--warmup-epochs", "1", "--hidden", "32", "--flow-hidden", "32", "--latent-dim", "2",
+                                "--iwae-k", "8", "--output", str(out), "--quiet"])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["experiment"] == "vae" and res["data"]["train"] == 500
+    assert [r["guide"] for r in res["results"]] == ["amortized", "planar:2", "iaf:1"]
+    for r in res["results"]:
+        t = r["test"]
+        for key in ("elbo", "iwae", "kl", "reconstruction", "active_units"):
+            assert key in t
+        assert t["iwae_k"] == 8 and t["iwae"] >= t["elbo"] - 1e-4
+        assert math.isclose(t["elbo"], t["reconstruction"] - t["kl"], rel_tol=1e-5)
+        assert r["train_seconds"] > 0 and r["seconds_per_epoch"] > 0
+    for name in ("results.md", "training_curves.png", "amortized_samples.png", "amortized_reconstructions.png",
+                 "amortized_latent.png"):
+        assert (out / name).is_file(), name
+
+
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_file(), reason="the real binarized MNIST is not beside the repository")
+def test_vae_experiment_on_real_mnist_subset(tmp_path: Path) -> None:
+    code = vae_experiment.main(["--subset", "500", "--epochs", "1", "--hidden", "16", "--latent-dim", "4",
+                                "--iwae-k", "4", "--output", str(tmp_path), "--quiet"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0 and res["data"] == {"train": 500, "valid": 500, "test": 500, "dim": 784}
+
+
+def test_vae_experiment_on_digits_uses_gaussian_decoder(tmp_path: Path) -> None:
+    code = vae_experiment.main(["--dataset", "digits", "--epochs", "2", "--hidden", "16", "--latent-dim", "2",
+                                "--iwae-k", "4", "--output", str(tmp_path), "--quiet"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0 and res["config"]["decoder"] is None
+    assert math.isfinite(res["results"][0]["test"]["iwae"])
+
+
+def test_vae_experiment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from experiments.cli import run_main
+
+    code = run_main(vae_experiment.main, ["--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "binarized MNIST not found" in err and "--data-dir" in err and "Traceback" not in err
