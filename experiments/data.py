@@ -30,7 +30,7 @@ class DataConfig:
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     #: directory with binarized_mnist.npz or binarized_mnist_{train,valid,test}.amat
     data_dir: str | None = None
-    #: keep at most this many points per split (quick runs and tests); ``None`` keeps all
+    #: keep at most this many points per split, drawn at random by ``seed``; ``None`` keeps all
     subset: int | None = None
     dtype: torch.dtype = torch.float32
     #: synthetic data: number of points and dimensions
@@ -196,8 +196,10 @@ def load_binarized_mnist(config: DataConfig) -> Dataset:
     for k, a in arrays.items():
         if a.ndim != 2 or a.shape[1] != 784 or a.max() > 1:
             raise ValueError(f"{path} [{k}]: expected 0/1 images of 784 pixels, got shape {a.shape}")
-    t = {k: torch.as_tensor(a[: config.subset] if config.subset else a, dtype=config.dtype)
-         for k, a in arrays.items()}
+    # the files are ordered (the first test images are not representative), so subsets are random
+    rng = np.random.default_rng(config.seed)
+    t = {k: torch.as_tensor(a[np.sort(rng.permutation(len(a))[: config.subset])] if config.subset else a,
+                            dtype=config.dtype) for k, a in arrays.items()}
     return Dataset("binarized_mnist", t["train"], t["valid"], t["test"], binary=True, image_shape=(28, 28),
                    meta={"path": str(path)})
 

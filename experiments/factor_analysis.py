@@ -81,11 +81,19 @@ def set_to_sklearn(model: FactorAnalysis, est: Any) -> None:
 
 def run(cfg: FAExperimentConfig) -> dict[str, Any]:
     """Fit every guide, evaluate on the test split, write results; returns the results payload."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # small data; float64 makes the closed forms exact to ~1e-12
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if cfg.fix_model not in (None, "sklearn"):
         raise ValueError(f"--fix-model must be 'sklearn' or absent, got {cfg.fix_model!r}")
-    torch.set_default_dtype(torch.float64)  # small data; float64 makes the closed forms exact to ~1e-12
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.seed, dtype=torch.float64)
     ds = load_dataset(cfg.dataset, data_cfg)
     if not 1 <= cfg.latent_dim < ds.data_dim:

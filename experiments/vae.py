@@ -15,6 +15,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from .cli import add_common_args, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
 from .report import plot_training_curves, results_table, write_results
-from .train import TrainConfig, fit, set_seed
+from .train import FitResult, TrainConfig, fit, load_checkpoint, set_seed
 
 DATASETS = ("binarized_mnist", "digits")
 
@@ -55,6 +56,8 @@ class VAEExperimentConfig:
     test_subset: int | None = None
     #: keep at most N points per split (quick runs and tests)
     subset: int | None = None
+    #: skip training: load each guide's best.pt from this earlier run's --output directory
+    from_checkpoints: str | None = None
     seed: int = 0
     output: str = "runs/vae"
     quiet: bool = False
@@ -69,22 +72,40 @@ def build(cfg: VAEExperimentConfig, ds: Dataset, spec: str) -> tuple[VAE, Any]:
     return model, guide
 
 
+def restore(model: VAE, guide: Any, directory: Path) -> FitResult:
+    """Load the state an earlier run kept (``best.pt``, else ``last.pt``) and its history, instead of training."""
+    best, last = directory / "best.pt", directory / "last.pt"
+    if not (best.is_file() or last.is_file()):
+        raise FileNotFoundError(f"no checkpoint at {best} or {last}; train first, or point --from-checkpoints at "
+                                "the --output directory of an earlier run with the same guides")
+    ckpt = load_checkpoint(best if best.is_file() else last, model, guide)
+    history = torch.load(last, weights_only=False)["history"] if last.is_file() else []
+    valid = [h["valid_elbo"] for h in history if h["epoch"] == ckpt["epoch"] and "valid_elbo" in h]
+    return FitResult(history=history, best_epoch=ckpt["epoch"], best_valid_elbo=valid[0] if valid else None,
+                     train_seconds=history[-1]["seconds"] if history else 0.0)
+
+
 def run(cfg: VAEExperimentConfig) -> dict[str, Any]:
     """Fit each guide, evaluate on the test split, write results and figures; returns the payload."""
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     set_seed(cfg.seed)
     ds = load_dataset(cfg.dataset, DataConfig(seed=cfg.seed, data_dir=cfg.data_dir, subset=cfg.subset))
-    test = ds.test[: cfg.test_subset] if cfg.test_subset else ds.test
+    test = ds.test
+    if cfg.test_subset and cfg.test_subset < len(test):  # a seeded random subset: the test file is ordered
+        test = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.test_subset]]
     results, histories, fitted = [], {}, {}
     for spec in cfg.guides:
         set_seed(cfg.seed)
         model, guide = build(cfg, ds, spec)
         model.validate(ds.train, name=f"{cfg.dataset} train split")
         tag = spec.replace(":", "_")
-        train_cfg = dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet,
-                                        output=f"{cfg.output}/checkpoints/{tag}")
-        fr = fit(model, guide, ds.train, ds.valid, train_cfg)
+        if cfg.from_checkpoints:
+            fr = restore(model, guide, Path(cfg.from_checkpoints) / "checkpoints" / tag)
+        else:
+            train_cfg = dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet,
+                                            output=f"{cfg.output}/checkpoints/{tag}")
+            fr = fit(model, guide, ds.train, ds.valid, train_cfg)
         metrics = public(evaluate(model, guide, test, EvalConfig(iwae_k=cfg.iwae_k)))
         results.append({"guide": spec, "test": metrics, "train_seconds": fr.train_seconds,
                         "seconds_per_epoch": fr.seconds_per_epoch, "best_epoch": fr.best_epoch,
@@ -176,6 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> VAEExperimentConfig:
     p.add_argument("--iwae-k", type=positive_int, default=d.iwae_k, help="5000 for the papers' protocol")
     p.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on the first N test points")
     p.add_argument("--subset", type=positive_int, default=None, help="keep at most N points per split")
+    p.add_argument("--from-checkpoints", default=None, metavar="DIR",
+                   help="evaluate the best checkpoints of an earlier run (its --output DIR) instead of training")
     p.add_argument("--jit", action="store_true", help="JitTrace_ELBO (see README for the guides it supports)")
     add_common_args(p, default_output=d.output)
     a = p.parse_args(argv)
@@ -186,7 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> VAEExperimentConfig:
                                hidden=a.hidden, flow_hidden=a.flow_hidden, decoder=a.decoder,
                                architecture=a.architecture, activation=a.activation, prior=a.prior, train=train,
                                iwae_k=a.iwae_k,
-                               test_subset=a.test_subset, subset=a.subset, seed=a.seed, output=a.output,
+                               test_subset=a.test_subset, subset=a.subset, from_checkpoints=a.from_checkpoints,
+                               seed=a.seed, output=a.output,
                                quiet=a.quiet)
 
 
