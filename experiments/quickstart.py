@@ -27,23 +27,25 @@ from . import factor_analysis, vae
 from .cli import run_main
 from .report import results_table
 
-#: section name -> run(seed, output_dir, quiet) -> results payload
+#: section name -> run(seed, output_dir, smoke) -> results payload; ``smoke`` shrinks it to seconds (tests)
 SECTIONS: Registry[Callable[[int, str, bool], dict[str, Any]]] = Registry("quickstart section")
 
 
 @SECTIONS.register("factor_analysis")
-def fa_section(seed: int, output: str, quiet: bool) -> dict[str, Any]:
-    cfg = factor_analysis.FAExperimentConfig(seed=seed, output=output, quiet=quiet, iwae_k=500)
+def fa_section(seed: int, output: str, smoke: bool) -> dict[str, Any]:
+    cfg = factor_analysis.FAExperimentConfig(seed=seed, output=output, quiet=True, iwae_k=5 if smoke else 500)
     cfg.guides = ["exact", "amortized", "amortized-fullcov", "iaf:2"]
-    cfg.train = dataclasses.replace(cfg.train, epochs=1500, lr=0.03)
+    cfg.train = dataclasses.replace(cfg.train, epochs=3 if smoke else 1000, lr=0.03)
     return factor_analysis.run(cfg)
 
 
 @SECTIONS.register("vae_digits")
-def vae_section(seed: int, output: str, quiet: bool) -> dict[str, Any]:
+def vae_section(seed: int, output: str, smoke: bool) -> dict[str, Any]:
     cfg = vae.VAEExperimentConfig(dataset="digits", guides=["amortized", "planar:4", "iaf:2"], latent_dim=4,
-                                  hidden=(64,), flow_hidden=(32,), iwae_k=500, seed=seed, output=output, quiet=quiet)
-    cfg.train = dataclasses.replace(cfg.train, epochs=40, warmup_epochs=5, batch_size=50, lr=3e-3, patience=None)
+                                  hidden=(64,), flow_hidden=(32,), iwae_k=5 if smoke else 500, seed=seed,
+                                  output=output, quiet=True)
+    cfg.train = dataclasses.replace(cfg.train, epochs=2 if smoke else 25, warmup_epochs=1 if smoke else 5,
+                                    batch_size=100, lr=3e-3, patience=None)
     return vae.run(cfg)
 
 
@@ -55,13 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS.names()),
                    help=f"comma-separated subset of: {', '.join(SECTIONS.names())}")
     p.add_argument("--quiet", action="store_true", help="print only the tables")
+    p.add_argument("--smoke", action="store_true", help="a few steps per section, to check the plumbing")
     a = p.parse_args(argv)
     names = [s.strip() for s in a.sections.split(",") if s.strip()]
     runs = [(name, SECTIONS[name]) for name in names]  # unknown names fail here, before any work
     summary, t0 = {}, time.perf_counter()
     for name, section in runs:
         t = time.perf_counter()
-        payload = section(a.seed, str(Path(a.output) / name), True)
+        payload = section(a.seed, str(Path(a.output) / name), a.smoke)
         summary[name] = {"seconds": time.perf_counter() - t, "results": f"{a.output}/{name}/results.json"}
         print(results_table(payload), flush=True)
     summary["total_seconds"] = time.perf_counter() - t0

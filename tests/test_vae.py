@@ -153,3 +153,14 @@ def test_vae_experiment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.Cap
     code = run_main(vae_experiment.main, ["--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "binarized MNIST not found" in err and "--data-dir" in err and "Traceback" not in err
+
+
+def test_quickstart_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from experiments import quickstart
+
+    assert quickstart.main(["--smoke", "--output", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for name in quickstart.SECTIONS.names():
+        assert (tmp_path / name / "results.json").is_file() and name in summary
+    assert "sklearn.FactorAnalysis" in out and "| exact |" in out
