@@ -37,6 +37,11 @@ class DataConfig:
     num_points: int = 2000
     data_dim: int = 10
     latent_dim: int = 3
+    #: synthetic mixture data: components and the least distance between two means
+    num_components: int = 3
+    separation: float = 6.0
+    #: digits_pca: principal components kept
+    pca_dim: int = 10
 
 
 @dataclass
@@ -148,6 +153,24 @@ def load_digits(config: DataConfig) -> Dataset:
     return ds
 
 
+@register_dataset("digits_pca")
+def load_digits_pca(config: DataConfig) -> Dataset:
+    """``digits`` standardized, then projected on its first ``pca_dim`` principal axes (fit on train only)."""
+    ds = load_digits(config)
+    if not 1 <= config.pca_dim <= ds.data_dim:
+        raise ValueError(f"digits_pca: pca_dim must be between 1 and {ds.data_dim}, got {config.pca_dim}")
+    train = ds.train.double()
+    mean = train.mean(0)
+    _, _, vh = torch.linalg.svd(train - mean, full_matrices=False)
+    axes = vh[: config.pca_dim].T  # (D, pca_dim)
+
+    def project(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else ((x.double() - mean) @ axes).to(config.dtype)
+
+    return Dataset("digits_pca", project(ds.train), project(ds.valid), project(ds.test), labels=ds.labels,
+                   meta={**ds.meta, "pca_dim": config.pca_dim})
+
+
 # ---------------------------------------------------------------------------------------------
 # Static binarized MNIST (Larochelle & Murray 2011)
 
@@ -223,11 +246,27 @@ def make_factor_analysis_data(
     return x, {"W": W, "mu": mu, "psi": psi, "cov": W @ W.T + torch.diag(psi)}
 
 
+def _split_synthetic(name: str, x: torch.Tensor, config: DataConfig, labels: torch.Tensor | None = None,
+                     **meta: Any) -> Dataset:
+    parts = split_indices(len(x), config.split, config.seed)
+    take = [torch.as_tensor(p[: config.subset] if config.subset else p) for p in parts]
+    lab = {} if labels is None else {s: labels[t] for s, t in zip(("train", "valid", "test"), take, strict=True)}
+    return Dataset(name, x[take[0]].to(config.dtype), x[take[1]].to(config.dtype) if len(take[1]) else None,
+                   x[take[2]].to(config.dtype), labels=lab, meta=meta)
+
+
+@register_dataset("synthetic_mixture")
+def load_synthetic_mixture(config: DataConfig) -> Dataset:
+    """Gaussian-mixture data from known weights, means and covariances (labels are the true components)."""
+    from models.gaussian_mixture import make_mixture_data
+
+    x, truth = make_mixture_data(config.num_points, config.data_dim, config.num_components, config.separation,
+                                 config.seed)
+    return _split_synthetic("synthetic_mixture", x, config, labels=truth["labels"], truth=truth)
+
+
 @register_dataset("synthetic")
 def load_synthetic_fa(config: DataConfig) -> Dataset:
     """Factor-analysis data from known W, μ, Ψ (not standardized, so the truth applies as is)."""
     x, truth = make_factor_analysis_data(config.num_points, config.data_dim, config.latent_dim, config.seed)
-    parts = split_indices(len(x), config.split, config.seed)
-    take = [torch.as_tensor(p[: config.subset] if config.subset else p) for p in parts]
-    return Dataset("synthetic", x[take[0]].to(config.dtype), x[take[1]].to(config.dtype) if len(take[1]) else None,
-                   x[take[2]].to(config.dtype), meta={"truth": truth})
+    return _split_synthetic("synthetic", x, config, truth=truth)

@@ -21,19 +21,32 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from models.base import LatentModel
 from models.registry import Registry
 
-from .evaluate import per_point_bounds
+from .evaluate import EvalConfig, bounds
+
+
+class TraceGraphLoss(TraceGraph_ELBO):
+    """``TraceGraph_ELBO`` (score-function terms with per-site downstream costs and baselines) as a
+    differentiable loss: its value is −ELBO and its gradient the surrogate's, baseline fit included."""
+
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
+        elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -torch.as_tensor(elbo).detach() + (surrogate - surrogate.detach())
+
 
 ELBOS: Registry[Callable[..., ELBO]] = Registry("ELBO")
 ELBOS.register("trace")(Trace_ELBO)
 ELBOS.register("meanfield")(TraceMeanField_ELBO)  # analytic KL where Pyro knows it
 ELBOS.register("jit")(JitTrace_ELBO)
+ELBOS.register("tracegraph")(TraceGraphLoss)  # score function with Rao-Blackwellised costs and baselines
+ELBOS.register("traceenum")(TraceEnum_ELBO)  # sums enumerated discrete sites out exactly
 
 
 class TrainingError(RuntimeError):
@@ -133,7 +146,7 @@ def _fit(
     config: TrainConfig | None = None,
 ) -> FitResult:
     config = config or TrainConfig()
-    train = model.validate(train, name="training data")
+    train = model.validate_training(train, name="training data")
     valid = None if valid is None else model.validate(valid, name="validation data")
     n = train.shape[0]
     batch = n if config.batch_size is None else min(int(config.batch_size), n)
@@ -162,6 +175,8 @@ def _fit(
         # total_size as a keyword: JitTrace_ELBO traces tensor arguments and hashes keyword arguments
         return elbo.differentiable_loss(model_fn, guide_fn, x, total_size=n, beta=beta) / n
 
+    if callable(getattr(guide, "init_from_data", None)):
+        guide.init_from_data(train)  # data-dependent initialisation of the guide, where it has one
     loss_fn(train[: min(2, n)])  # creates the lazily built parameters of autoguides
     model_ids = {id(p) for p in model.parameters()}
     params = list(model.parameters()) if config.train_model else []
@@ -217,7 +232,8 @@ def _fit(
             model.eval()
             if isinstance(guide, torch.nn.Module):
                 guide.eval()
-            row["valid_elbo"] = per_point_bounds(model, guide, valid, config.val_samples)["elbo"].mean().item()
+            val = EvalConfig(iwae_k=config.val_samples, posterior_samples=config.val_samples)
+            row["valid_elbo"] = bounds(model, guide, valid, val)["elbo"].mean().item()
             model.train()
             if isinstance(guide, torch.nn.Module):
                 guide.train()

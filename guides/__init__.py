@@ -3,7 +3,7 @@
 Importing this package registers every family; ``build_guide("planar:10", model)`` builds one.
 """
 
-from . import amortized, flows  # noqa: F401  (registers)
+from . import amortized, autoguides, flows  # noqa: F401  (registers)
 from .amortized import (
     AmortizedGuide,
     DiagonalGaussianGuide,
@@ -11,12 +11,13 @@ from .amortized import (
     ExactPosteriorGuide,
     FullCovGaussianGuide,
 )
+from .autoguides import AmortizedCategorical, AutoFlowNormal, GlobalGuide
 from .config import GuideConfig
 from .flows import FLOWS, AmortizedFlowGuide
 from .registry import GUIDES, GuideEntry, build_guide, guide_names, parse_guide_spec, register_guide
 
 __all__ = [
-    "FLOWS", "GUIDES", "AmortizedFlowGuide", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder",
+    "AmortizedCategorical", "AutoFlowNormal", "GlobalGuide", "FLOWS", "GUIDES", "AmortizedFlowGuide", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder",
     "ExactPosteriorGuide", "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names",
     "parse_guide_spec", "register_guide",
 ]

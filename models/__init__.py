@@ -6,9 +6,10 @@ importing this package registers every model family.
 
 import pyro
 
-from . import factor_analysis, vae  # noqa: F401  (registers)
+from . import factor_analysis, gaussian_mixture, vae  # noqa: F401  (registers)
 from .base import DATA_PLATE, LatentModel, check_matrix, data_plate
 from .factor_analysis import PPCA, FactorAnalysis, FactorAnalysisConfig
+from .gaussian_mixture import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from .registry import MODELS, Registry, UnknownNameError, register_model
 from .vae import DECODERS, PRIORS, VAE, VAEConfig
 
@@ -16,6 +17,7 @@ from .vae import DECODERS, PRIORS, VAE, VAEConfig
 pyro.settings.set(module_local_params=True)
 
 __all__ = [
+    "ASSIGNMENTS", "COVARIANCES", "GaussianMixture", "GaussianMixtureConfig",
     "DATA_PLATE", "MODELS", "PPCA", "FactorAnalysis", "FactorAnalysisConfig", "LatentModel", "Registry",
     "UnknownNameError", "check_matrix", "data_plate", "register_model", "DECODERS", "PRIORS", "VAE", "VAEConfig",
 ]

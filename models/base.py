@@ -63,7 +63,11 @@ class LatentModel(PyroModule):
     #: name of the per-point latent sample site the amortized guides target (``None``: no such site)
     local_site: ClassVar[str | None] = "z"
     #: names of global latent sample sites (guided by autoguides)
-    global_sites: ClassVar[tuple[str, ...]] = ()
+    global_sites: tuple[str, ...] = ()
+    #: name of a per-point discrete site that a guide must propose (``None``: none, or summed out)
+    local_discrete_site: str | None = None
+    #: name in ``experiments.evaluate.EVALUATORS`` of the held-out bounds that fit this model
+    evaluator: ClassVar[str] = "importance"
     #: whether :meth:`exact_posterior` is implemented
     has_exact_posterior: ClassVar[bool] = False
 
@@ -81,6 +85,10 @@ class LatentModel(PyroModule):
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
         """Check data at the boundary: 2-D, right width, finite (subclasses add their own rules)."""
         return check_matrix(x, name=name, width=self.data_dim)
+
+    def validate_training(self, x: object, name: str = "training data") -> torch.Tensor:
+        """Check training data: :meth:`validate` plus any rule that only training needs."""
+        return self.validate(x, name)
 
     def init_from_data(self, x: torch.Tensor) -> None:
         """Data-dependent initialisation (default: none)."""
