@@ -154,7 +154,9 @@ def _categorical_iwae(log_joint: torch.Tensor, log_q: torch.Tensor, k: int, max_
     return torch.logsumexp(torch.stack(parts), 0) - math.log(k)
 
 
-def bounds(model: LatentModel, guide: Any, x: torch.Tensor, config: EvalConfig | None = None) -> dict[str, torch.Tensor]:
+def bounds(
+    model: LatentModel, guide: Any, x: torch.Tensor, config: EvalConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Per-point bounds by the model's evaluator (no validation, no mode switching: see :func:`evaluate`)."""
     return EVALUATORS[model.evaluator](model, guide, x, config or EvalConfig())
 

@@ -4,7 +4,9 @@
         --guide exact,amortized,amortized-fullcov --seed 0 --output runs/fa
 
 ``--fix-model sklearn`` holds the model at scikit-learn's EM solution and trains only the guide, so
-each guide's gap log p(x) − ELBO can be set beside the analytic mean-field gap.
+each guide's gap log p(x) − ELBO can be set beside the analytic mean-field gap. scikit-learn's W has
+WᵀΨ⁻¹W diagonal, so its posterior factorises and that gap is 0; ``--fix-model sklearn-rotated`` holds
+it at W R for a random rotation R instead: the same p(x), a correlated posterior, a non-zero gap.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 
 from guides import GuideConfig, build_guide
 from models import MODELS, FactorAnalysis
+from models.registry import Registry
 
 from .cli import add_common_args, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
@@ -40,7 +43,7 @@ class FAExperimentConfig:
     guides: list[str] = field(default_factory=lambda: ["exact", "amortized", "amortized-fullcov"])
     #: encoder hidden sizes; () = linear encoder, enough for FA whose exact posterior mean is linear in x
     encoder_hidden: tuple[int, ...] = ()
-    #: "sklearn": hold the model at scikit-learn's EM solution and train only the guide
+    #: a name in FIXED_MODELS: hold the model there and train only the guide (``None``: train both)
     fix_model: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=3000, batch_size=None, lr=0.02, lr_final_factor=0.05, num_particles=4, clip_norm=100.0,
@@ -79,6 +82,24 @@ def set_to_sklearn(model: FactorAnalysis, est: Any) -> None:
     model.set_parameters(torch.as_tensor(W), torch.as_tensor(est.mean_), torch.as_tensor(est.noise_variance_))
 
 
+#: --fix-model NAME -> how to set the held-fixed model from scikit-learn's estimate (model, estimate, seed)
+FIXED_MODELS: Registry[Callable[[FactorAnalysis, Any, int], None]] = Registry("fixed model")
+
+
+@FIXED_MODELS.register("sklearn")
+def at_sklearn(model: FactorAnalysis, est: Any, seed: int) -> None:
+    set_to_sklearn(model, est)
+
+
+@FIXED_MODELS.register("sklearn-rotated")
+def at_sklearn_rotated(model: FactorAnalysis, est: Any, seed: int) -> None:
+    """EM's solution turned by a random rotation R (seeded): W R gives the same p(x), a correlated p(z|x)."""
+    set_to_sklearn(model, est)
+    q, r = torch.linalg.qr(torch.randn(model.latent_dim, model.latent_dim,
+                                       generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    model.rotate(q * torch.sign(torch.diagonal(r)))  # a Haar-distributed orthogonal matrix
+
+
 def run(cfg: FAExperimentConfig) -> dict[str, Any]:
     """Fit every guide, evaluate on the test split, write results; returns the results payload."""
     previous = torch.get_default_dtype()
@@ -92,8 +113,8 @@ def run(cfg: FAExperimentConfig) -> dict[str, Any]:
 def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    if cfg.fix_model not in (None, "sklearn"):
-        raise ValueError(f"--fix-model must be 'sklearn' or absent, got {cfg.fix_model!r}")
+    if cfg.fix_model is not None and cfg.fix_model not in FIXED_MODELS:
+        FIXED_MODELS[cfg.fix_model]  # noqa: B018 - raises, listing the valid names
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.seed, dtype=torch.float64)
     ds = load_dataset(cfg.dataset, data_cfg)
     if not 1 <= cfg.latent_dim < ds.data_dim:
@@ -107,7 +128,7 @@ def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
         model = model_cls(model_cls.Config(ds.data_dim, cfg.latent_dim))
         model.init_from_data(ds.train)
         if cfg.fix_model:
-            set_to_sklearn(model, est)
+            FIXED_MODELS[cfg.fix_model](model, est, cfg.seed)
         guide = build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
         train_cfg = dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet, train_model=not cfg.fix_model,
                                         output=f"{cfg.output}/checkpoints/{spec.replace(':', '_')}")
@@ -154,8 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FAExperimentConfig:
     p.add_argument("--guide", type=guide_list, default=d.guides, help="guide name or comma-separated list")
     p.add_argument("--encoder-hidden", type=int_tuple, default=d.encoder_hidden,
                    help="encoder hidden sizes, e.g. 64,64; empty = linear (default)")
-    p.add_argument("--fix-model", choices=["sklearn"], default=None,
-                   help="hold the model at scikit-learn's solution and train only the guide")
+    p.add_argument("--fix-model", choices=FIXED_MODELS.names(), default=None,
+                   help="hold the model at scikit-learn's solution (or it rotated) and train only the guide")
     p.add_argument("--epochs", type=positive_int, default=d.train.epochs)
     p.add_argument("--lr", type=float, default=d.train.lr)
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: full batch")

@@ -209,11 +209,18 @@ def _fit(
         for step in range(1, steps_per_epoch + 1):
             xb = train[perm[(step - 1) * batch: step * batch]]
             t_step = time.perf_counter()
-            loss = loss_fn(xb, beta)
+            where = f"epoch {epoch}, step {step} (global step {result.steps + 1})"
+            kept = f"; last good checkpoint: {last_good}" if last_good else ""
+            try:
+                loss = loss_fn(xb, beta)
+            except ValueError as e:  # distribution argument checks reject non-finite parameters
+                bad = [name for name, p in _named_parameters(model, guide) if not torch.isfinite(p).all()]
+                if not bad:
+                    raise
+                raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before {where}; "
+                                    f"the previous step diverged{kept}") from e
             if not torch.isfinite(loss):
-                where = f"epoch {epoch}, step {step}"
-                kept = f"; last good checkpoint: {last_good}" if last_good else ""
-                raise TrainingError(f"loss became {loss.item()} at {where} (global step {result.steps + 1}){kept}")
+                raise TrainingError(f"loss became {loss.item()} at {where}{kept}")
             if optim is not None:
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -296,6 +303,13 @@ def fit(
             return _fit(model, guide, train, valid, config)
         finally:
             pyro.clear_param_store()
+
+
+def _named_parameters(model: LatentModel, guide: Any) -> list[tuple[str, torch.Tensor]]:
+    out = [(f"model.{n}", p) for n, p in model.named_parameters()]
+    if isinstance(guide, torch.nn.Module):
+        out += [(f"guide.{n}", p) for n, p in guide.named_parameters()]
+    return out
 
 
 def _state(model: LatentModel, guide: Any) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from .flows import FLOWS, AmortizedFlowGuide
 from .registry import GUIDES, GuideEntry, build_guide, guide_names, parse_guide_spec, register_guide
 
 __all__ = [
-    "AmortizedCategorical", "AutoFlowNormal", "GlobalGuide", "FLOWS", "GUIDES", "AmortizedFlowGuide", "AmortizedGuide", "DiagonalGaussianGuide", "Encoder",
+    "AmortizedCategorical", "AutoFlowNormal", "GlobalGuide", "FLOWS", "GUIDES", "AmortizedFlowGuide",
+    "AmortizedGuide", "DiagonalGaussianGuide", "Encoder",
     "ExactPosteriorGuide", "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names",
     "parse_guide_spec", "register_guide",
 ]

@@ -82,6 +82,15 @@ class FactorAnalysis(LatentModel):
             self.mu.copy_(torch.as_tensor(mu, dtype=self.mu.dtype))
             self._init_noise(torch.as_tensor(noise_variance, dtype=self.W.dtype).expand(self.data_dim))
 
+    def rotate(self, R: torch.Tensor) -> None:
+        """W ← W R for an orthogonal R: p(x) is unchanged (W R Rᵀ Wᵀ = W Wᵀ), p(z|x) is rotated."""
+        R = torch.as_tensor(R, dtype=self.W.dtype)
+        if R.shape != (self.latent_dim, self.latent_dim) or not torch.allclose(
+                R.T @ R, torch.eye(self.latent_dim, dtype=R.dtype), atol=1e-8):
+            raise ValueError(f"rotate: expected an orthogonal {self.latent_dim}x{self.latent_dim} matrix")
+        with torch.no_grad():
+            self.W.copy_(self.W @ R)
+
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
         W, mu, sd = self.W, self.mu, self.noise_variance.sqrt()
         with data_plate(x.shape[0], total_size):
