@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from guides.registry import parse_guide_spec
 from models.registry import UnknownNameError
 
+from .report import results_table
 from .train import TrainingError
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
@@ -53,6 +55,21 @@ def add_common_args(p: argparse.ArgumentParser, *, default_output: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="one seed fixes data split, initialisation and sampling")
     p.add_argument("--output", default=default_output, help="directory for results.json, results.md, figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables on stdout")
+
+
+def experiment_main(parse_args: Callable[[Sequence[str] | None], Any],
+                    run: Callable[[Any], dict[str, Any]]) -> Callable[[Sequence[str] | None], int]:
+    """An experiment's ``main(argv)``: parse flags into its config, run it, print the table unless quiet."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        cfg = parse_args(argv)
+        payload = run(cfg)
+        if not cfg.quiet:
+            print(results_table(payload))
+            print(f"results written to {cfg.output}/results.json")
+        return 0
+
+    return main
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

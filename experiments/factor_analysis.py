@@ -26,11 +26,11 @@ from guides import GuideConfig, build_guide
 from models import MODELS, FactorAnalysis
 from models.registry import Registry
 
-from .cli import add_common_args, guide_list, int_tuple, positive_int, run_main
+from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
-from .report import plot_training_curves, results_table, write_results
-from .train import TrainConfig, fit, set_seed
+from .report import plot_training_curves, write_results
+from .train import TrainConfig, default_dtype, fit, set_seed
 
 DATASETS = ("breast_cancer", "wine", "digits", "iris", "synthetic")
 
@@ -102,12 +102,8 @@ def at_sklearn_rotated(model: FactorAnalysis, est: Any, seed: int) -> None:
 
 def run(cfg: FAExperimentConfig) -> dict[str, Any]:
     """Fit every guide, evaluate on the test split, write results; returns the results payload."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # small data; float64 makes the closed forms exact to ~1e-12
-    try:
+    with default_dtype(torch.float64):  # small data; float64 makes the closed forms exact to ~1e-12
         return _run(cfg)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
@@ -134,7 +130,7 @@ def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
                                         output=f"{cfg.output}/checkpoints/{spec.replace(':', '_')}")
         fr = fit(model, guide, ds.train, ds.valid, train_cfg)
         test = public(evaluate(model, guide, ds.test, EvalConfig(iwae_k=cfg.iwae_k)))
-        if cfg.fix_model and isinstance(model, FactorAnalysis):
+        if isinstance(model, FactorAnalysis):  # the fitted model's own: 0 once WᵀΨ⁻¹W is diagonal
             test["analytic_mean_field_gap"] = model.mean_field_gap()
         row: dict[str, Any] = {"guide": spec, "test": test, "train_seconds": fr.train_seconds,
                                "seconds_per_epoch": fr.seconds_per_epoch, "best_epoch": fr.best_epoch,
@@ -192,13 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FAExperimentConfig:
                               iwae_k=a.iwae_k, seed=a.seed, output=a.output, quiet=a.quiet)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    payload = run(cfg)
-    if not cfg.quiet:
-        print(results_table(payload))
-        print(f"results written to {cfg.output}/results.json")
-    return 0
+main = experiment_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ from guides import GlobalGuide, GuideConfig, build_guide
 from models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from models.gaussian_mixture import component_order, reorder
 
-from .cli import add_common_args, guide_list, int_tuple, positive_int, run_main
+from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
-from .report import plot_training_curves, results_table, write_results
-from .train import ELBOS, FitResult, TrainConfig, fit, set_seed
+from .report import plot_training_curves, write_results
+from .train import ELBOS, FitResult, TrainConfig, default_dtype, fit, set_seed
 
 #: the experiment's dataset names -> registered loaders
 DATASETS = {"iris": "iris", "wine": "wine", "digits-pca": "digits_pca", "synthetic": "synthetic_mixture"}
@@ -200,12 +200,8 @@ def plot_clusters(model: GaussianMixture, guide: GlobalGuide, ds: Dataset, path:
 
 def run(cfg: GMMExperimentConfig) -> dict[str, Any]:
     """Fit every guide, evaluate on the test split, write results and figures; returns the payload."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # small data; float64 keeps the enumerated sums exact
-    try:
+    with default_dtype(torch.float64):  # small data; float64 keeps the enumerated sums exact
         return _run(cfg)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _run(cfg: GMMExperimentConfig) -> dict[str, Any]:
@@ -306,13 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GMMExperimentConfig:
                                quiet=a.quiet)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    payload = run(cfg)
-    if not cfg.quiet:
-        print(results_table(payload))
-        print(f"results written to {cfg.output}/results.json")
-    return 0
+main = experiment_main(parse_args, run)
 
 
 if __name__ == "__main__":

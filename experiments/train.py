@@ -14,7 +14,8 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,17 @@ class AnnealLatents(Messenger):
 def set_seed(seed: int) -> None:
     """Seed torch, numpy and Python's ``random`` through Pyro."""
     pyro.set_rng_seed(seed)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Run a block with torch's default dtype set to ``dtype``, restoring the caller's afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:

@@ -24,10 +24,10 @@ from guides import GuideConfig, build_guide
 from models import PRIORS, VAE, VAEConfig
 from models.vae import ACTIVATIONS
 
-from .cli import add_common_args, guide_list, int_tuple, positive_int, run_main
+from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
-from .report import plot_training_curves, results_table, write_results
+from .report import plot_training_curves, write_results
 from .train import FitResult, TrainConfig, fit, load_checkpoint, set_seed
 
 DATASETS = ("binarized_mnist", "digits")
@@ -214,13 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> VAEExperimentConfig:
                                quiet=a.quiet)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    payload = run(cfg)
-    if not cfg.quiet:
-        print(results_table(payload))
-        print(f"results written to {cfg.output}/results.json")
-    return 0
+main = experiment_main(parse_args, run)
 
 
 if __name__ == "__main__":

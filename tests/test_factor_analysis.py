@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,7 @@ from experiments.train import TrainConfig, TrainingError, fit, load_checkpoint
 from guides import GuideConfig, build_guide
 from models import PPCA, FactorAnalysis, FactorAnalysisConfig
 
-
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _fitted_fa(n: int = 400, d: int = 6, k: int = 2, seed: int = 0, fixed: str = "sklearn-rotated"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,7 @@ from models.gaussian_mixture import component_order, make_mixture_data, reorder
 GLOBAL_GUIDES = ["map", "meanfield", "fullrank", "lowrank:2", "auto-iaf:2"]
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _model(assignments: str = "collapsed", covariance: str = "full", k: int = 3, x: torch.Tensor | None = None
