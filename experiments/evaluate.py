@@ -17,6 +17,8 @@ and global latents (see :func:`mixture_bounds`).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,29 @@ class EvalConfig:
 Evaluator = Callable[[LatentModel, Any, torch.Tensor, EvalConfig], dict[str, torch.Tensor]]
 #: model.evaluator -> per-point bounds; each value is a tensor with the points on dim 0
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold each time a large buffer is freed, so later tensor buffers of tens
+    of MB land on the heap, where chunk after chunk of differently sized buffers fragments it: IWAE-5000
+    over the 10,000 MNIST test images grew past 24 GB of resident memory without this (measured), and
+    stays flat at ~0.6 GB with it.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def log_weight_terms(
@@ -98,6 +123,7 @@ def per_point_bounds(
         result["iwae"].append(torch.logsumexp(torch.stack(lse), 0) - math.log(num_samples))
         for k, v in sums.items():
             result[k].append(v / num_samples)
+        release_freed_memory()
     return {k: torch.cat(v) for k, v in result.items()}
 
 

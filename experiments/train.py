@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import resource
 import sys
 import time
 import warnings
@@ -246,7 +247,7 @@ def _fit(
             if config.max_steps and result.steps >= config.max_steps:
                 break
         row: dict[str, float] = {"epoch": epoch, "train_loss": total / count, "beta": beta,
-                                 "seconds": time.perf_counter() - t0}
+                                 "seconds": time.perf_counter() - t0, "max_rss_mib": _max_rss_mib()}
         if valid is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
             model.eval()
             if isinstance(guide, torch.nn.Module):
@@ -315,6 +316,12 @@ def fit(
             return _fit(model, guide, train, valid, config)
         finally:
             pyro.clear_param_store()
+
+
+def _max_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _named_parameters(model: LatentModel, guide: Any) -> list[tuple[str, torch.Tensor]]:

@@ -218,6 +218,7 @@ class _Exploding(FactorAnalysis):
             pyro.factor("poison", torch.tensor(float("nan")))
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 @pytest.mark.parametrize("how,match", [
     ("loss", r"loss became nan at epoch 4, step 1 \(global step 7\)"),
     ("parameters", r"parameters became non-finite \(model.W\) before epoch 4, step 1 \(global step 7\)"),

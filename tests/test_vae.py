@@ -14,7 +14,7 @@ import torch
 from experiments import vae as vae_experiment
 from experiments.evaluate import EvalConfig, evaluate, per_point_bounds
 from experiments.train import TrainConfig, fit
-from guides import GuideConfig, build_guide
+from guides import FLOWS, GuideConfig, build_guide
 from models import VAE, VAEConfig
 
 
@@ -86,7 +86,7 @@ def test_kl_warmup_is_linear_and_early_stopping_waits_for_it() -> None:
     assert r.best_epoch >= 4
 
 
-@pytest.mark.parametrize("spec", ["amortized", "iaf:2", "planar:2"])
+@pytest.mark.parametrize("spec", ["amortized", "amortized-fullcov"] + [f"{name}:2" for name in FLOWS.names()])
 def test_jit_training_matches_trace_setup_and_leaves_no_global_state(spec: str) -> None:
     x = _binary(40, 12)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
