@@ -92,8 +92,8 @@ class AmortizedCategorical(PyroModule):
         self.site = site
         self.encoder = Encoder(data_dim, tuple(config.hidden), config.activation)
         self.logits = nn.Linear(self.encoder.output_dim, num_categories)
-        self.baseline = nn.Sequential(Encoder(data_dim, tuple(config.hidden), config.activation),
-                                      nn.Linear(config.hidden[-1] if config.hidden else data_dim, 1))
+        features = Encoder(data_dim, tuple(config.hidden), config.activation)
+        self.baseline = nn.Sequential(features, nn.Linear(features.output_dim, 1))
 
     def distribution(self, x: torch.Tensor) -> dist.Categorical:
         return dist.Categorical(logits=self.logits(self.encoder(x)))
