@@ -47,7 +47,7 @@ class FAExperimentConfig:
     fix_model: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=3000, batch_size=None, lr=0.02, lr_final_factor=0.05, num_particles=4, clip_norm=100.0,
-        eval_every=50, checkpoint_every=100, restore_best=False))
+        eval_every=50, checkpoint_every=100, restore_best=True))
     iwae_k: int = 1000
     seed: int = 0
     output: str = "runs/factor_analysis"
@@ -178,11 +178,13 @@ def parse_args(argv: Sequence[str] | None = None) -> FAExperimentConfig:
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: full batch")
     p.add_argument("--num-particles", type=positive_int, default=d.train.num_particles)
     p.add_argument("--elbo", choices=["trace", "meanfield"], default="trace")
+    p.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="end on the state with the best validation ELBO (checked every 50 epochs) or the last one")
     p.add_argument("--iwae-k", type=positive_int, default=d.iwae_k)
     add_common_args(p, default_output=d.output)
     a = p.parse_args(argv)
     train = dataclasses.replace(d.train, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                                num_particles=a.num_particles, elbo=a.elbo)
+                                num_particles=a.num_particles, elbo=a.elbo, restore_best=a.keep == "best")
     return FAExperimentConfig(dataset=a.dataset, model=a.model, latent_dim=a.latent_dim, guides=a.guide,
                               encoder_hidden=a.encoder_hidden, fix_model=a.fix_model, train=train,
                               iwae_k=a.iwae_k, seed=a.seed, output=a.output, quiet=a.quiet)
