@@ -202,16 +202,15 @@ class GaussianMixture(LatentModel):
         p = self.sample_globals()
         # globals may carry leading particle dims: (..., K) for weights, (..., K, D) for locs
         lead = p["locs"].shape[:-2]
+        prior_c = dist.Categorical(probs=p["weights"].reshape(lead + (1, self.num_components)))
         with data_plate(x.shape[0], total_size):
             if not self.scheme.sampled:
-                mix = dist.Categorical(probs=p["weights"].reshape(lead + (1, self.num_components)))
                 comp = self.covariance.component(_lift(p["locs"], 1), {k: _lift(p[k], e) for k, e in
                                                                        self.covariance.event_dims.items()})
-                pyro.sample("x", dist.MixtureSameFamily(mix, comp), obs=x)
+                pyro.sample("x", dist.MixtureSameFamily(prior_c, comp), obs=x)
                 return
             infer = {"enumerate": "parallel"} if self.scheme.enumerated else {}
-            c = pyro.sample("c", dist.Categorical(probs=p["weights"].reshape(lead + (1, self.num_components))),
-                            infer=infer)
+            c = pyro.sample("c", prior_c, infer=infer)
             chosen = {k: _index(p[k], c, e) for k, e in self.covariance.event_dims.items()}
             pyro.sample("x", self.covariance.component(_index(p["locs"], c, 1), chosen), obs=x)
 
