@@ -1,6 +1,6 @@
 """Benchmark: our Pyro SVI path against a plain-PyTorch loop doing the same math, in one process.
 
-    python -m benchmarks.vae_step_time --steps 300 --output runs/bench_vae
+    python -m benchmarks.vae_step_time --output runs/bench_vae
 
 Both train the same vanilla VAE (784-300-300-40, Bernoulli decoder, diagonal Gaussian encoder) on
 binarized MNIST minibatches of 100 with Adam, the same single-sample ELBO estimator
@@ -96,22 +96,27 @@ class PeakRSS:
 
 
 def run(steps: int, warmup: int, iwae_k: int, eval_points: int, seed: int, data_dir: str | None,
-        threads: int | None) -> dict[str, Any]:
+        threads: int | None, repeats: int = 3) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     ds = load_dataset("binarized_mnist", DataConfig(data_dir=data_dir, seed=seed))
     train = ds.train
-    rows: dict[str, Any] = {}
-    model, guide = build(seed)
-    plain = plain_pytorch_steps(model, guide, train, warmup + steps, 100, seed)
-    rows["plain_pytorch"] = statistics.median(plain[warmup:])
-    for elbo in ("trace", "jit"):
+    # rounds interleave the three paths, so drift in machine speed (frequency, other load) hits each alike;
+    # each path's figure is the median over rounds of its per-round median step time
+    per_round: dict[str, list[float]] = {"plain_pytorch": [], "pyro_trace": [], "pyro_jit": []}
+    for _ in range(repeats):
         model, guide = build(seed)
-        fr = fit(model, guide, train, None, TrainConfig(epochs=1, batch_size=100, max_steps=warmup + steps,
-                                                        elbo=elbo, quiet=True, seed=seed))
-        rows[f"pyro_{elbo}"] = statistics.median(fr.step_seconds[warmup:])
-    base = rows["plain_pytorch"]
-    timing = {k: {"seconds_per_step": v, "ratio_to_plain": v / base} for k, v in rows.items()}
+        plain = plain_pytorch_steps(model, guide, train, warmup + steps, 100, seed)
+        per_round["plain_pytorch"].append(statistics.median(plain[warmup:]))
+        for elbo in ("trace", "jit"):
+            model, guide = build(seed)
+            fr = fit(model, guide, train, None, TrainConfig(epochs=1, batch_size=100, max_steps=warmup + steps,
+                                                            elbo=elbo, quiet=True, seed=seed))
+            per_round[f"pyro_{elbo}"].append(statistics.median(fr.step_seconds[warmup:]))
+    base = statistics.median(per_round["plain_pytorch"])
+    timing = {k: {"seconds_per_step": statistics.median(v), "ratio_to_plain": statistics.median(v) / base,
+                  "ratio_per_round": [a / b for a, b in zip(v, per_round["plain_pytorch"], strict=True)]}
+              for k, v in per_round.items()}
 
     # IWAE-K evaluation: peak memory above the process's peak so far, and time per test point
     model, guide = build(seed)
@@ -131,14 +136,15 @@ def run(steps: int, warmup: int, iwae_k: int, eval_points: int, seed: int, data_
         "mean_iwae_untrained": bounds["iwae"].mean().item(),
     }
     return {"benchmark": "vae_step_time", "network": "784-300-300-40", "batch_size": 100, "steps": steps,
-            "warmup_steps": warmup, "torch_threads": torch.get_num_threads(), "timing": timing,
+            "warmup_steps": warmup, "repeats": repeats, "torch_threads": torch.get_num_threads(), "timing": timing,
             "iwae_evaluation": evaluation}
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["| path | ms / step | ratio to plain PyTorch |", "|---|---|---|"]
+    lines = ["| path | ms / step | ratio to plain PyTorch | ratio in each round |", "|---|---|---|---|"]
     for k, v in res["timing"].items():
-        lines.append(f"| {k} | {1000 * v['seconds_per_step']:.2f} | {v['ratio_to_plain']:.3f} |")
+        rounds = ", ".join(f"{r:.3f}" for r in v["ratio_per_round"])
+        lines.append(f"| {k} | {1000 * v['seconds_per_step']:.2f} | {v['ratio_to_plain']:.3f} | {rounds} |")
     e = res["iwae_evaluation"]
     lines += ["", f"IWAE-{e['iwae_k']} on {e['points_evaluated']} test points: {e['seconds']:.1f} s "
               f"({e['seconds_per_point']:.3f} s/point, ~{e['extrapolated_seconds_full_test'] / 60:.0f} min for "
@@ -152,13 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--warmup", type=positive_int, default=20)
     p.add_argument("--iwae-k", type=positive_int, default=5000)
-    p.add_argument("--eval-points", type=positive_int, default=50)
+    p.add_argument("--eval-points", type=positive_int, default=1000)
+    p.add_argument("--repeats", type=positive_int, default=3, help="rounds of the three interleaved paths")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/bench_vae")
     a = p.parse_args(argv)
-    res = run(a.steps, a.warmup, a.iwae_k, a.eval_points, a.seed, a.data_dir, a.threads)
+    res = run(a.steps, a.warmup, a.iwae_k, a.eval_points, a.seed, a.data_dir, a.threads, a.repeats)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
