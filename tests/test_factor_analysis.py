@@ -63,7 +63,7 @@ def test_marginal_likelihood_matches_dense_gaussian_and_sklearn() -> None:
 
 def test_exact_posterior_is_bayes_rule() -> None:
     """p(z|x) from the closed form equals p(x|z)p(z)/p(x) at arbitrary z (no sampling involved)."""
-    model, x = _fitted_fa(n=20)
+    model, x = _correlated_fa(n=20)
     z = torch.randn(20, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         log_post = model.exact_posterior(x).log_prob(z)
