@@ -61,6 +61,11 @@ class Dataset:
     def data_dim(self) -> int:
         return self.train.shape[1]
 
+    def sizes(self) -> dict[str, int]:
+        """Points per split and the dimension, as recorded in ``results.json``."""
+        return {"train": len(self.train), "valid": 0 if self.valid is None else len(self.valid),
+                "test": len(self.test), "dim": self.data_dim}
+
     def splits(self) -> dict[str, torch.Tensor]:
         out = {"train": self.train, "test": self.test}
         if self.valid is not None:

@@ -29,7 +29,7 @@ from models.registry import Registry
 from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
-from .report import plot_training_curves, write_results
+from .report import payload, plot_training_curves, write_results
 from .train import TrainConfig, default_dtype, fit, set_seed
 
 DATASETS = ("breast_cancer", "wine", "digits", "iris", "synthetic")
@@ -146,19 +146,12 @@ def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
             t = test
             print(f"{spec:>20}: ELBO {t['elbo']:.3f}  IWAE-{t['iwae_k']} {t['iwae']:.3f}  "
                   f"exact {t['exact_log_likelihood']:.3f}  ({fr.train_seconds:.1f}s)", file=sys.stderr)
-    payload = {
-        "experiment": "factor_analysis",
-        "dataset": cfg.dataset,
-        "config": dataclasses.asdict(cfg) | {"data": {**dataclasses.asdict(data_cfg), "dtype": "float64"}},
-        "data": {"train": len(ds.train), "valid": 0 if ds.valid is None else len(ds.valid), "test": len(ds.test),
-                 "dim": ds.data_dim},
-        "results": results,
-        "baselines": [baseline],
-    }
-    write_results(cfg.output, payload)
+    config = dataclasses.asdict(cfg) | {"data": {**dataclasses.asdict(data_cfg), "dtype": "float64"}}
+    out = payload("factor_analysis", cfg.dataset, config, ds.sizes(), results, [baseline])
+    write_results(cfg.output, out)
     plot_training_curves(histories, f"{cfg.output}/training_curves.png",
                          title=f"{cfg.model} on {cfg.dataset}, k = {cfg.latent_dim}")
-    return payload
+    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FAExperimentConfig:

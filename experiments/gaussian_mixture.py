@@ -32,7 +32,7 @@ from models.gaussian_mixture import component_order, reorder
 from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
-from .report import plot_training_curves, write_results
+from .report import payload, plot_training_curves, write_results
 from .train import ELBOS, FitResult, TrainConfig, default_dtype, fit, set_seed
 
 #: the experiment's dataset names -> registered loaders
@@ -252,19 +252,11 @@ def _run(cfg: GMMExperimentConfig) -> dict[str, Any]:
             print(f"{spec:>12}: test log p(x|θ̂) {test['exact_log_likelihood']:.4f}  predictive "
                   f"{test['predictive_log_likelihood']:.4f}  ELBO {test['elbo']:.4f}  "
                   f"({fr.train_seconds:.1f}s)", file=sys.stderr)
-    payload = {
-        "experiment": "gaussian_mixture",
-        "dataset": cfg.dataset,
-        "config": dataclasses.asdict(cfg),
-        "data": {"train": len(ds.train), "valid": 0 if ds.valid is None else len(ds.valid), "test": len(ds.test),
-                 "dim": ds.data_dim},
-        "results": results,
-        "baselines": [baseline],
-    }
-    write_results(cfg.output, payload)
+    out = payload("gaussian_mixture", cfg.dataset, dataclasses.asdict(cfg), ds.sizes(), results, [baseline])
+    write_results(cfg.output, out)
     plot_training_curves(histories, f"{cfg.output}/training_curves.png",
                          title=f"Gaussian mixture (K = {cfg.components}, {cfg.covariance}) on {cfg.dataset}")
-    return payload
+    return out
 
 
 def _split(text: str) -> tuple[float, float, float]:

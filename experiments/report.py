@@ -32,6 +32,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def payload(experiment: str, dataset: str, config: dict[str, Any], data: dict[str, int],
+            results: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``results.json`` document every experiment writes (values: mean nats per test point)."""
+    return {"experiment": experiment, "dataset": dataset, "config": config, "data": data, "results": results,
+            "baselines": baselines}
+
+
 def results_table(payload: Mapping[str, Any]) -> str:
     """A Markdown table of every result and baseline row (mean nats per test point)."""
     rows = [(r["guide"], r["test"], r.get("train_seconds")) for r in payload.get("results", [])]

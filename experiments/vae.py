@@ -27,7 +27,7 @@ from models.vae import ACTIVATIONS
 from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
-from .report import plot_training_curves, write_results
+from .report import payload, plot_training_curves, write_results
 from .train import FitResult, TrainConfig, fit, load_checkpoint, set_seed
 
 DATASETS = ("binarized_mnist", "digits")
@@ -116,20 +116,12 @@ def run(cfg: VAEExperimentConfig) -> dict[str, Any]:
             print(f"{spec:>16}: test ELBO {metrics['elbo']:.2f}  IWAE-{cfg.iwae_k} {metrics['iwae']:.2f}  "
                   f"KL {metrics['kl']:.2f}  active {metrics['active_units']}  ({fr.train_seconds:.0f}s)",
                   file=sys.stderr)
-        payload = {
-            "experiment": "vae",
-            "dataset": cfg.dataset,
-            "config": dataclasses.asdict(cfg),
-            "data": {"train": len(ds.train), "valid": 0 if ds.valid is None else len(ds.valid), "test": len(test),
-                     "dim": ds.data_dim},
-            "results": results,
-            "baselines": [],
-        }
-        write_results(cfg.output, payload)  # after every guide, so a long run leaves partial results
+        out = payload("vae", cfg.dataset, dataclasses.asdict(cfg), {**ds.sizes(), "test": len(test)}, results, [])
+        write_results(cfg.output, out)  # after every guide, so a long run leaves partial results
     plot_training_curves(histories, f"{cfg.output}/training_curves.png", title=f"VAE on {cfg.dataset}")
     for spec, (model, guide) in fitted.items():
         plot_vae_figures(model, guide, ds, test, f"{cfg.output}/{spec.replace(':', '_')}")
-    return payload
+    return out
 
 
 @torch.no_grad()
