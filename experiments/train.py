@@ -222,18 +222,18 @@ def _fit(
         for step in range(1, steps_per_epoch + 1):
             xb = train[perm[(step - 1) * batch: step * batch]]
             t_step = time.perf_counter()
-            where = f"epoch {epoch}, step {step} (global step {result.steps + 1})"
-            kept = f"; last good checkpoint: {last_good}" if last_good else ""
             try:
                 loss = loss_fn(xb, beta)
             except ValueError as e:  # distribution argument checks reject non-finite parameters
                 bad = [name for name, p in _named_parameters(model, guide) if not torch.isfinite(p).all()]
                 if not bad:
                     raise
-                raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before {where}; "
-                                    f"the previous step diverged{kept}") from e
+                raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before "
+                                    f"{_where(epoch, step, result.steps)}; the previous step diverged"
+                                    f"{_kept(last_good)}") from e
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at {where}{kept}")
+                raise TrainingError(f"loss became {loss.item()} at {_where(epoch, step, result.steps)}"
+                                    f"{_kept(last_good)}")
             if optim is not None:
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -316,6 +316,14 @@ def fit(
             return _fit(model, guide, train, valid, config)
         finally:
             pyro.clear_param_store()
+
+
+def _where(epoch: int, step: int, steps_done: int) -> str:
+    return f"epoch {epoch}, step {step} (global step {steps_done + 1})"
+
+
+def _kept(last_good: Path | None) -> str:
+    return f"; last good checkpoint: {last_good}" if last_good else ""
 
 
 def _max_rss_mib() -> float:
