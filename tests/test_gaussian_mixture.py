@@ -160,6 +160,7 @@ def test_amortized_assignment_guide_leaves_a_small_gap_on_separated_data() -> No
 def test_categorical_iwae_rises_with_k_toward_the_exact_likelihood() -> None:
     """An untrained q(c|x) (near uniform) leaves a large gap; IWAE-K over c closes it as K grows."""
     model, x = _model("amortized")
+    pyro.set_rng_seed(0)
     guide = build_guide("map", model, GuideConfig(hidden=(8,)))
     guide(x)
     gaps = []
