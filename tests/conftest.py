@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,3 +17,15 @@ def float64() -> Iterator[None]:
     """Run a test in float64, where closed forms are checked to ~1e-10; the caller's dtype is restored."""
     with default_dtype(torch.float64):
         yield
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path) -> Path:
+    """A directory holding a 500-image-per-split ``binarized_mnist.npz`` in the real file's format."""
+    rng = np.random.default_rng(0)
+    arrays = {k: np.packbits((rng.random((500, 784)) < 0.13).astype(np.uint8), axis=1)
+              for k in ("train", "valid", "test")}
+    directory = tmp_path / "data"
+    directory.mkdir()
+    np.savez_compressed(directory / "binarized_mnist.npz", **arrays)
+    return directory

@@ -74,3 +74,26 @@ def test_autoregressive_flow_rejects_narrow_hidden_layers() -> None:
     model = VAE(VAEConfig(data_dim=6, latent_dim=K, hidden=(8,)))
     with pytest.raises(ValueError, match="hidden sizes >= the latent dimension"):
         build_guide("iaf", model, GuideConfig(hidden=(8,), flow_hidden=(2,)))
+
+
+def test_fullcov_guide_is_the_gaussian_it_claims_and_reduces_to_the_diagonal_one() -> None:
+    """log q(z|x) = log N(z; μ(x), L(x)L(x)ᵀ) at arbitrary z (the inverse path), and with the
+    off-diagonal head at zero the guide is the diagonal guide with the same encoder and heads."""
+    model, guide = _guide("amortized-fullcov")
+    x = (torch.rand(N, 6, generator=torch.Generator().manual_seed(1)) < 0.5).double()
+    z = torch.randn(N, K, generator=torch.Generator().manual_seed(2)).double()
+    h = guide.encoder(x)
+    L = guide.scale_tril(h)
+    assert torch.equal(L, L.tril()) and (L.diagonal(dim1=-2, dim2=-1) > 0).all()
+    assert L.tril(-1).abs().max() > 1e-3  # the check below is not on a diagonal L
+    reference = torch.distributions.MultivariateNormal(guide.loc(h), scale_tril=L)
+    torch.testing.assert_close(guide.distribution(x).log_prob(z), reference.log_prob(z), rtol=1e-10, atol=1e-10)
+
+    diagonal = build_guide("amortized", model, GuideConfig(hidden=(8,), init_scale=0.7)).double()
+    diagonal.load_state_dict({k.replace("diag.", "scale.") if k.startswith("diag.") else k: v
+                              for k, v in guide.state_dict().items() if not k.startswith("offdiag")})
+    with torch.no_grad():
+        guide.offdiag.weight.zero_()
+        guide.offdiag.bias.zero_()
+    torch.testing.assert_close(guide.distribution(x).log_prob(z), diagonal.distribution(x).log_prob(z),
+                               rtol=1e-10, atol=1e-10)

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pyro
 import pytest
 import torch
@@ -99,17 +98,9 @@ def test_jit_training_matches_trace_setup_and_leaves_no_global_state(spec: str) 
     assert pyro.settings.get("module_local_params") is True
 
 
-def _write_fake_mnist(directory: Path, n: int = 500) -> None:
-    rng = np.random.default_rng(0)
-    arrays = {k: np.packbits((rng.random((n, 784)) < 0.13).astype(np.uint8), axis=1)
-              for k in ("train", "valid", "test")}
-    np.savez_compressed(directory / "binarized_mnist.npz", **arrays)
-
-
-def test_vae_experiment_end_to_end_on_500_images(tmp_path: Path) -> None:
-    _write_fake_mnist(tmp_path)
+def test_vae_experiment_end_to_end_on_500_images(tmp_path: Path, fake_mnist: Path) -> None:
     out = tmp_path / "run"
-    code = vae_experiment.main(["--data-dir", str(tmp_path), "--guide", "amortized,planar:2,iaf:1", "--epochs", "2",
+    code = vae_experiment.main(["--data-dir", str(fake_mnist), "--guide", "amortized,planar:2,iaf:1", "--epochs", "2",
                                 "--warmup-epochs", "1", "--hidden", "32", "--flow-hidden", "32", "--latent-dim", "2",
                                 "--iwae-k", "8", "--output", str(out), "--quiet"])
     assert code == 0
