@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,7 +12,7 @@ from guides.registry import parse_guide_spec
 from models.registry import UnknownNameError
 
 from .report import results_table
-from .train import TrainingError
+from .train import TrainConfig, TrainingError
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError, UnknownNameError, TrainingError)
@@ -55,6 +56,20 @@ def add_common_args(p: argparse.ArgumentParser, *, default_output: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="one seed fixes data split, initialisation and sampling")
     p.add_argument("--output", default=default_output, help="directory for results.json, results.md, figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables on stdout")
+
+
+def add_full_batch_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """``--epochs``, ``--lr``, ``--batch-size`` (default: full batch) and ``--num-particles``."""
+    p.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: full batch")
+    p.add_argument("--num-particles", type=positive_int, default=defaults.num_particles)
+
+
+def train_from_args(defaults: TrainConfig, a: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """``defaults`` with the flags of :func:`add_full_batch_train_args` (and ``overrides``) applied."""
+    return dataclasses.replace(defaults, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                               num_particles=a.num_particles, **overrides)
 
 
 def experiment_main(parse_args: Callable[[Sequence[str] | None], Any],

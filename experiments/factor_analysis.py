@@ -26,7 +26,16 @@ from guides import GuideConfig, build_guide
 from models import MODELS, FactorAnalysis
 from models.registry import Registry
 
-from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
+from .cli import (
+    add_common_args,
+    add_full_batch_train_args,
+    experiment_main,
+    guide_list,
+    int_tuple,
+    positive_int,
+    run_main,
+    train_from_args,
+)
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
 from .report import payload, plot_training_curves, write_results
@@ -166,18 +175,14 @@ def parse_args(argv: Sequence[str] | None = None) -> FAExperimentConfig:
                    help="encoder hidden sizes, e.g. 64,64; empty = linear (default)")
     p.add_argument("--fix-model", choices=FIXED_MODELS.names(), default=None,
                    help="hold the model at scikit-learn's solution (or it rotated) and train only the guide")
-    p.add_argument("--epochs", type=positive_int, default=d.train.epochs)
-    p.add_argument("--lr", type=float, default=d.train.lr)
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default: full batch")
-    p.add_argument("--num-particles", type=positive_int, default=d.train.num_particles)
+    add_full_batch_train_args(p, d.train)
     p.add_argument("--elbo", choices=["trace", "meanfield"], default="trace")
     p.add_argument("--keep", choices=["best", "last"], default="best",
                    help="end on the state with the best validation ELBO (checked every 50 epochs) or the last one")
     p.add_argument("--iwae-k", type=positive_int, default=d.iwae_k)
     add_common_args(p, default_output=d.output)
     a = p.parse_args(argv)
-    train = dataclasses.replace(d.train, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                                num_particles=a.num_particles, elbo=a.elbo, restore_best=a.keep == "best")
+    train = train_from_args(d.train, a, elbo=a.elbo, restore_best=a.keep == "best")
     return FAExperimentConfig(dataset=a.dataset, model=a.model, latent_dim=a.latent_dim, guides=a.guide,
                               encoder_hidden=a.encoder_hidden, fix_model=a.fix_model, train=train,
                               iwae_k=a.iwae_k, seed=a.seed, output=a.output, quiet=a.quiet)

@@ -29,7 +29,16 @@ from guides import GlobalGuide, GuideConfig, build_guide
 from models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from models.gaussian_mixture import component_order, reorder
 
-from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
+from .cli import (
+    add_common_args,
+    add_full_batch_train_args,
+    experiment_main,
+    guide_list,
+    int_tuple,
+    positive_int,
+    run_main,
+    train_from_args,
+)
 from .data import DataConfig, Dataset, load_dataset
 from .evaluate import EvalConfig, evaluate, public
 from .report import payload, plot_training_curves, write_results
@@ -283,10 +292,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GMMExperimentConfig:
     p.add_argument("--encoder-hidden", type=int_tuple, default=d.encoder_hidden)
     p.add_argument("--elbo", choices=ELBOS.names(), default=None,
                    help="override the estimator (default: trace / traceenum / tracegraph by --assignments)")
-    p.add_argument("--epochs", type=positive_int, default=d.train.epochs)
-    p.add_argument("--lr", type=float, default=d.train.lr)
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default: full batch")
-    p.add_argument("--num-particles", type=positive_int, default=d.train.num_particles)
+    add_full_batch_train_args(p, d.train)
     p.add_argument("--iwae-k", type=positive_int, default=d.iwae_k)
     p.add_argument("--posterior-samples", type=positive_int, default=d.posterior_samples)
     p.add_argument("--split", type=_split, default=d.split, help="train,valid,test fractions (default 0.7,0,0.3)")
@@ -295,8 +301,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GMMExperimentConfig:
     p.add_argument("--separation", type=float, default=d.separation, help="synthetic data only")
     add_common_args(p, default_output=d.output)
     a = p.parse_args(argv)
-    train = dataclasses.replace(d.train, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                                num_particles=a.num_particles)
+    train = train_from_args(d.train, a)
     return GMMExperimentConfig(dataset=a.dataset, components=a.components, covariance=a.covariance,
                                assignments=a.assignments, guides=a.guide, restarts=a.restarts,
                                encoder_hidden=a.encoder_hidden, elbo=a.elbo, train=train, iwae_k=a.iwae_k,
