@@ -118,8 +118,7 @@ def run(cfg: FAExperimentConfig) -> dict[str, Any]:
 def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    if cfg.fix_model is not None and cfg.fix_model not in FIXED_MODELS:
-        FIXED_MODELS[cfg.fix_model]  # noqa: B018 - raises, listing the valid names
+    fix_model = FIXED_MODELS[cfg.fix_model] if cfg.fix_model else None  # an unknown name fails here, listing them
     data_cfg = dataclasses.replace(cfg.data, seed=cfg.seed, dtype=torch.float64)
     ds = load_dataset(cfg.dataset, data_cfg)
     if not 1 <= cfg.latent_dim < ds.data_dim:
@@ -132,8 +131,8 @@ def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
         set_seed(cfg.seed)
         model = model_cls(model_cls.Config(ds.data_dim, cfg.latent_dim))
         model.init_from_data(ds.train)
-        if cfg.fix_model:
-            FIXED_MODELS[cfg.fix_model](model, est, cfg.seed)
+        if fix_model:
+            fix_model(model, est, cfg.seed)
         guide = build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
         train_cfg = dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet, train_model=not cfg.fix_model,
                                         output=f"{cfg.output}/checkpoints/{spec.replace(':', '_')}")

@@ -102,7 +102,7 @@ def fit_with_restarts(cfg: GMMExperimentConfig, ds: Dataset, spec: str) -> tuple
     Returns the kept model, guide and fit, and every restart's fit (for its final loss and time).
     """
     best: tuple[GaussianMixture, GlobalGuide, FitResult] | None = None
-    finals: list[float] = []
+    best_loss = math.inf
     fits: list[FitResult] = []
     tag = spec.replace(":", "_")
     for r in range(cfg.restarts):
@@ -114,10 +114,10 @@ def fit_with_restarts(cfg: GMMExperimentConfig, ds: Dataset, spec: str) -> tuple
                                         elbo=cfg.elbo or model.default_elbo,
                                         output=f"{cfg.output}/checkpoints/{tag}/restart{r}")
         fr = fit(model, guide, ds.train, ds.valid, train_cfg)
-        finals.append(final_loss(fr))
         fits.append(fr)
-        if best is None or finals[-1] < min(finals[:-1]):
-            best = (model, guide, fr)
+        loss = final_loss(fr)
+        if best is None or loss < best_loss:
+            best, best_loss = (model, guide, fr), loss
     assert best is not None
     return (*best, fits)
 

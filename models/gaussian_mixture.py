@@ -184,7 +184,7 @@ class GaussianMixture(LatentModel):
         x = self.validate_training(x)
         with torch.no_grad():
             self.data_loc.copy_(x.mean(0))
-            self.data_scale.copy_(x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones(self.data_dim))
+            self.data_scale.copy_(_data_std(x))
         self.initial_values = kmeans_init(x, self.num_components, self.covariance, seed)
 
     # ------------------------------------------------------------------ the Pyro model
@@ -247,6 +247,11 @@ def _index(t: torch.Tensor, c: torch.Tensor, event_dim: int) -> torch.Tensor:
     return Vindex(_lift(t, event_dim))[(Ellipsis, c) + (slice(None),) * event_dim]
 
 
+def _data_std(x: torch.Tensor) -> torch.Tensor:
+    """σ̂: each dimension's std (floored at 1e-3; ones for a single point), the scale the priors are set on."""
+    return x.std(0).clamp_min(1e-3) if len(x) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
+
+
 def component_order(p: Params) -> torch.Tensor:
     """Component indices by decreasing weight: a canonical labelling for summaries (label switching)."""
     return torch.argsort(p["weights"].detach(), descending=True)
@@ -279,7 +284,7 @@ def kmeans_init(x: torch.Tensor, k: int, covariance: DiagonalCovariance, seed: i
                 centres[j] = x[label == j].mean(0)
     label = torch.cdist(x, centres).argmin(-1)
     counts = torch.bincount(label, minlength=k).to(x.dtype)
-    data_sd = x.std(0).clamp_min(1e-3) if n > 1 else torch.ones(d, dtype=x.dtype)
+    data_sd = _data_std(x)
     scales = torch.stack([x[label == j].std(0) if counts[j] >= 2 else data_sd for j in range(k)])
     scales = torch.maximum(scales, 0.05 * data_sd)  # a cluster of identical points still gets a width
     values = {"weights": (counts + 1) / (counts + 1).sum(), "locs": centres.clone(), "scales": scales}
