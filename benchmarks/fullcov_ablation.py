@@ -29,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro_lvm.experiments.cli import positive_int, run_main
+from pyro_lvm.experiments.vae import VAEExperimentConfig
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.guides.amortized import FullCovGaussianGuide
+from pyro_lvm.models import VAE, VAEConfig
 from torch import nn
 
-from experiments.cli import positive_int, run_main
-from experiments.data import DataConfig, load_dataset
-from experiments.evaluate import EvalConfig, evaluate
-from experiments.report import payload, write_results
-from experiments.train import fit, set_seed
-from experiments.vae import VAEExperimentConfig
-from guides import GuideConfig, build_guide
-from guides.amortized import FullCovGaussianGuide
-from models import VAE, VAEConfig
+from pyro_lvm.data import DataConfig, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate
+from pyro_lvm.report import payload, write_results
+from pyro_lvm.train import fit, set_seed
 
 
 class CholeskyGuide(FullCovGaussianGuide):

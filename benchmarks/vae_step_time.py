@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro_lvm.experiments.cli import positive_int, run_main
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.models import VAE, VAEConfig
 
-from experiments.cli import positive_int, run_main
-from experiments.data import DataConfig, load_dataset
-from experiments.evaluate import per_point_bounds
-from experiments.train import TrainConfig, fit, set_seed
-from guides import GuideConfig, build_guide
-from models import VAE, VAEConfig
+from pyro_lvm.data import DataConfig, load_dataset
+from pyro_lvm.evaluate import per_point_bounds
+from pyro_lvm.train import TrainConfig, fit, set_seed
 
 
 def build(seed: int) -> tuple[VAE, Any]:

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from guides.registry import parse_guide_spec
-from models.registry import UnknownNameError
+from pyro_lvm.guides.registry import parse_guide_spec
 
-from .report import results_table
-from .train import TrainConfig, TrainingError
+from pyro_lvm.registry import UnknownNameError
+from pyro_lvm.report import results_table
+from pyro_lvm.train import TrainConfig, TrainingError
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError, UnknownNameError, TrainingError)

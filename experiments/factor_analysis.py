@@ -21,10 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.models import MODELS, FactorAnalysis
 
-from guides import GuideConfig, build_guide
-from models import MODELS, FactorAnalysis
-from models.registry import Registry
+from pyro_lvm.data import DataConfig, Dataset, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate, public
+from pyro_lvm.registry import Registry
+from pyro_lvm.report import payload, plot_training_curves, write_results
+from pyro_lvm.train import TrainConfig, default_dtype, fit, set_seed
 
 from .cli import (
     add_common_args,
@@ -36,10 +40,6 @@ from .cli import (
     run_main,
     train_from_args,
 )
-from .data import DataConfig, Dataset, load_dataset
-from .evaluate import EvalConfig, evaluate, public
-from .report import payload, plot_training_curves, write_results
-from .train import TrainConfig, default_dtype, fit, set_seed
 
 DATASETS = ("breast_cancer", "wine", "digits", "iris", "synthetic")
 

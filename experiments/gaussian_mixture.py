@@ -24,10 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from pyro_lvm.guides import GlobalGuide, GuideConfig, build_guide
+from pyro_lvm.models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
+from pyro_lvm.models.gaussian_mixture import component_order, reorder
 
-from guides import GlobalGuide, GuideConfig, build_guide
-from models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
-from models.gaussian_mixture import component_order, reorder
+from pyro_lvm.data import DataConfig, Dataset, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate, public
+from pyro_lvm.report import payload, plot_training_curves, write_results
+from pyro_lvm.train import ELBOS, FitResult, TrainConfig, default_dtype, fit, set_seed
 
 from .cli import (
     add_common_args,
@@ -39,10 +43,6 @@ from .cli import (
     run_main,
     train_from_args,
 )
-from .data import DataConfig, Dataset, load_dataset
-from .evaluate import EvalConfig, evaluate, public
-from .report import payload, plot_training_curves, write_results
-from .train import ELBOS, FitResult, TrainConfig, default_dtype, fit, set_seed
 
 #: the experiment's dataset names -> registered loaders
 DATASETS = {"iris": "iris", "wine": "wine", "digits-pca": "digits_pca", "synthetic": "synthetic_mixture"}

@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.registry import Registry
+from pyro_lvm.registry import Registry
+from pyro_lvm.report import results_table
 
 from . import factor_analysis, gaussian_mixture, vae
 from .cli import run_main
-from .report import results_table
 
 #: section name -> run(seed, output_dir, smoke) -> results payload; ``smoke`` shrinks it to seconds (tests)
 SECTIONS: Registry[Callable[[int, str, bool], dict[str, Any]]] = Registry("quickstart section")

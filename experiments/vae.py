@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.models import PRIORS, VAE, VAEConfig
+from pyro_lvm.models.vae import ACTIVATIONS
 
-from guides import GuideConfig, build_guide
-from models import PRIORS, VAE, VAEConfig
-from models.vae import ACTIVATIONS
+from pyro_lvm.data import DataConfig, Dataset, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate, public
+from pyro_lvm.report import payload, plot_training_curves, write_results
+from pyro_lvm.train import FitResult, TrainConfig, fit, load_checkpoint, set_seed
 
 from .cli import add_common_args, experiment_main, guide_list, int_tuple, positive_int, run_main
-from .data import DataConfig, Dataset, load_dataset
-from .evaluate import EvalConfig, evaluate, public
-from .report import payload, plot_training_curves, write_results
-from .train import FitResult, TrainConfig, fit, load_checkpoint, set_seed
 
 DATASETS = ("binarized_mnist", "digits")
 

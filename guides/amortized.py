@@ -9,10 +9,9 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import Distribution, constraints
 from pyro.nn import PyroModule
+from pyro_lvm.models.base import LatentModel, data_plate
+from pyro_lvm.models.vae import ACTIVATIONS
 from torch import nn
-
-from models.base import LatentModel, data_plate
-from models.vae import ACTIVATIONS
 
 from .config import GuideConfig
 from .registry import exact_posterior_available, register_guide

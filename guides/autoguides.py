@@ -27,10 +27,9 @@ from pyro.distributions import Distribution
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.nn import PyroModule
+from pyro_lvm.models.base import LatentModel, data_plate
 from torch import nn
 from torch.distributions import biject_to
-
-from models.base import LatentModel, data_plate
 
 from .amortized import Encoder
 from .config import GuideConfig

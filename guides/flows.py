@@ -24,10 +24,10 @@ import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import Distribution
 from pyro.distributions.torch_transform import TransformModule
+from pyro_lvm.models.base import LatentModel
 from torch import nn
 
-from models.base import LatentModel
-from models.registry import Registry
+from pyro_lvm.registry import Registry
 
 from .amortized import DiagonalGaussianGuide
 from .config import GuideConfig

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyro.nn import PyroModule
+from pyro_lvm.models.base import LatentModel
 
-from models.base import LatentModel
-from models.registry import Registry
+from pyro_lvm.registry import Registry
 
 from .config import GuideConfig
 

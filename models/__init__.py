@@ -6,11 +6,12 @@ importing this package registers every model family.
 
 import pyro
 
+from pyro_lvm.registry import MODELS, Registry, UnknownNameError, register_model
+
 from . import factor_analysis, gaussian_mixture, vae  # noqa: F401  (registers)
 from .base import DATA_PLATE, LatentModel, check_matrix, data_plate
 from .factor_analysis import PPCA, FactorAnalysis, FactorAnalysisConfig
 from .gaussian_mixture import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
-from .registry import MODELS, Registry, UnknownNameError, register_model
 from .vae import DECODERS, PRIORS, VAE, VAEConfig
 
 # guides compared side by side must never share parameters through the global param store

@@ -9,6 +9,8 @@ import torch
 from pyro.distributions import Distribution
 from pyro.nn import PyroModule
 
+from pyro_lvm.checks import check_matrix
+
 DATA_PLATE = "data"
 
 
@@ -23,32 +25,6 @@ def data_plate(n: int, total_size: int | None = None) -> pyro.plate:
     if size < n:
         raise ValueError(f"total_size={size} is smaller than the minibatch ({n} points)")
     return pyro.plate(DATA_PLATE, size=size, subsample=torch.arange(n) if size != n else None, dim=-1)
-
-
-def check_matrix(x: object, *, name: str = "data", width: int | None = None) -> torch.Tensor:
-    """Return ``x`` as a 2-D floating tensor or raise a ``ValueError`` that says what is wrong."""
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except Exception as e:  # noqa: BLE001 - anything torch cannot read is bad input
-            raise ValueError(f"{name}: cannot be read as a numeric array ({e})") from None
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D array (points x features), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: is empty (0 points)")
-    if width is not None and x.shape[1] != width:
-        raise ValueError(f"{name}: expected {width} features per point, got {x.shape[1]}")
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = bad.any(-1).nonzero().flatten()
-        kinds = "NaN" if torch.isnan(x).any() else "inf"
-        raise ValueError(
-            f"{name}: contains {kinds} values in {len(rows)} of {x.shape[0]} rows "
-            f"(first bad row: {int(rows[0])}); clean or impute the data first"
-        )
-    return x
 
 
 class LatentModel(PyroModule):

@@ -10,8 +10,9 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
+from pyro_lvm.registry import register_model
+
 from .base import LatentModel, data_plate
-from .registry import register_model
 
 
 @dataclass

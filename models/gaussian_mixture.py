@@ -12,8 +12,9 @@ import torch
 from pyro.distributions import Distribution
 from pyro.ops.indexing import Vindex
 
+from pyro_lvm.registry import Registry, register_model
+
 from .base import LatentModel, data_plate
-from .registry import Registry, register_model
 
 COMPONENTS_PLATE = "components"
 Params = dict[str, torch.Tensor]

@@ -10,8 +10,9 @@ import torch
 from pyro.distributions import Distribution
 from torch import nn
 
+from pyro_lvm.registry import Registry, register_model
+
 from .base import LatentModel, check_matrix, data_plate
-from .registry import Registry, register_model
 
 PRIORS: Registry[type[nn.Module]] = Registry("prior")
 DECODERS: Registry[type[nn.Module]] = Registry("decoder")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.train import default_dtype
+from pyro_lvm.train import default_dtype
 
 
 @pytest.fixture

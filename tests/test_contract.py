@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pyro_lvm.guides import GUIDES, GuideConfig, build_guide
+from pyro_lvm.models import MODELS
 
-from experiments.evaluate import log_weight_terms
-from experiments.train import ELBOS, TrainConfig, fit
-from guides import GUIDES, GuideConfig, build_guide
-from models import MODELS
+from pyro_lvm.evaluate import log_weight_terms
+from pyro_lvm.train import ELBOS, TrainConfig, fit
 
 PAIRS = [(m, g) for m in MODELS.names() for g in GUIDES.names()]
 SMALL = GuideConfig(hidden=(8,), flow_hidden=(8,))

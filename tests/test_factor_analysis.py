@@ -14,14 +14,14 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from pyro_lvm.experiments import factor_analysis as fa_experiment
+from pyro_lvm.experiments.cli import run_main
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.models import PPCA, FactorAnalysis, FactorAnalysisConfig
 
-from experiments import factor_analysis as fa_experiment
-from experiments.cli import run_main
-from experiments.data import DataConfig, load_dataset, make_factor_analysis_data, read_binarized_mnist
-from experiments.evaluate import EvalConfig, evaluate, per_point_bounds
-from experiments.train import TrainConfig, TrainingError, fit, load_checkpoint
-from guides import GuideConfig, build_guide
-from models import PPCA, FactorAnalysis, FactorAnalysisConfig
+from pyro_lvm.data import DataConfig, load_dataset, make_factor_analysis_data, read_binarized_mnist
+from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
+from pyro_lvm.train import TrainConfig, TrainingError, fit, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from pyro import poutine
+from pyro_lvm.guides import FLOWS, GuideConfig, build_guide
+from pyro_lvm.models import VAE, VAEConfig
 from torch.autograd.functional import jacobian
-
-from guides import FLOWS, GuideConfig, build_guide
-from models import VAE, VAEConfig
 
 N, K = 4, 3
 

@@ -12,15 +12,15 @@ import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro_lvm.experiments import gaussian_mixture as gmm_experiment
+from pyro_lvm.experiments.cli import run_main
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
+from pyro_lvm.models.gaussian_mixture import component_order, make_mixture_data, reorder
 
-from experiments import gaussian_mixture as gmm_experiment
-from experiments.cli import run_main
-from experiments.data import DataConfig, load_dataset
-from experiments.evaluate import EvalConfig, evaluate
-from experiments.train import ELBOS, TrainConfig, fit
-from guides import GuideConfig, build_guide
-from models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
-from models.gaussian_mixture import component_order, make_mixture_data, reorder
+from pyro_lvm.data import DataConfig, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate
+from pyro_lvm.train import ELBOS, TrainConfig, fit
 
 GLOBAL_GUIDES = ["map", "meanfield", "fullrank", "lowrank:2", "auto-iaf:2"]
 

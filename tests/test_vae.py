@@ -9,12 +9,12 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from pyro_lvm.experiments import vae as vae_experiment
+from pyro_lvm.guides import FLOWS, GuideConfig, build_guide
+from pyro_lvm.models import VAE, VAEConfig
 
-from experiments import vae as vae_experiment
-from experiments.evaluate import EvalConfig, evaluate, per_point_bounds
-from experiments.train import TrainConfig, fit
-from guides import FLOWS, GuideConfig, build_guide
-from models import VAE, VAEConfig
+from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
+from pyro_lvm.train import TrainConfig, fit
 
 
 def _binary(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -139,7 +139,7 @@ def test_vae_experiment_on_digits_uses_gaussian_decoder(tmp_path: Path) -> None:
 
 
 def test_vae_experiment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from experiments.cli import run_main
+    from pyro_lvm.experiments.cli import run_main
 
     code = run_main(vae_experiment.main, ["--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path)])
     err = capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_vae_experiment_bad_input_is_one_line(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_quickstart_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from experiments import quickstart
+    from pyro_lvm.experiments import quickstart
 
     assert quickstart.main(["--smoke", "--output", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -28,8 +28,8 @@ import pyro
 import torch
 from pyro import poutine
 
-from models.base import LatentModel
-from models.registry import Registry
+from pyro_lvm.models.base import LatentModel
+from pyro_lvm.registry import Registry
 
 
 @dataclass

@@ -27,8 +27,8 @@ from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGra
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
-from models.base import LatentModel
-from models.registry import Registry
+from pyro_lvm.models.base import LatentModel
+from pyro_lvm.registry import Registry
 
 from .evaluate import EvalConfig, bounds
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import check_matrix
-from models.registry import Registry
+from pyro_lvm.checks import check_matrix
+from pyro_lvm.registry import Registry
 
 #: environment variable naming the directory that holds binarized MNIST
 DATA_DIR_ENV = "PYRO_LVM_DATA_DIR"
@@ -263,7 +263,7 @@ def _split_synthetic(name: str, x: torch.Tensor, config: DataConfig, labels: tor
 @register_dataset("synthetic_mixture")
 def load_synthetic_mixture(config: DataConfig) -> Dataset:
     """Gaussian-mixture data from known weights, means and covariances (labels are the true components)."""
-    from models.gaussian_mixture import make_mixture_data
+    from pyro_lvm.models.gaussian_mixture import make_mixture_data
 
     x, truth = make_mixture_data(config.num_points, config.data_dim, config.num_components, config.separation,
                                  config.seed)

@@ -1,0 +1,1 @@
+"""pyro-lvm: latent-variable models in Pyro with swappable variational families."""
