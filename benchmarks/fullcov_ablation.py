@@ -29,17 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro.util import set_rng_seed as set_seed
+from torch import nn
+
+from pyro_lvm.data import DataConfig, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate
 from pyro_lvm.experiments.cli import positive_int, run_main
 from pyro_lvm.experiments.vae import VAEExperimentConfig
 from pyro_lvm.guides import GuideConfig, build_guide
 from pyro_lvm.guides.amortized import FullCovGaussianGuide
 from pyro_lvm.models import VAE, VAEConfig
-from torch import nn
-
-from pyro_lvm.data import DataConfig, load_dataset
-from pyro_lvm.evaluate import EvalConfig, evaluate
 from pyro_lvm.report import payload, write_results
-from pyro_lvm.train import fit, set_seed
+from pyro_lvm.train import fit
 
 
 class CholeskyGuide(FullCovGaussianGuide):
@@ -116,7 +117,7 @@ def run(cfg: AblationConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = fit(model, guide, ds.train, ds.valid, train)
         seconds = time.perf_counter() - t0
-        test = evaluate(model, guide, ds.test[: cfg.test_points], EvalConfig(iwae_k=cfg.iwae_k))
+        test = evaluate(model, guide, ds.test[: cfg.test_points], EvalConfig(iwae_k=cfg.iwae_k, seed=cfg.seed))
         test.pop("per_point", None)
         rows.append({"guide": name, "test": test, "train_seconds": seconds,
                      "valid_elbo_per_epoch": [h["valid_elbo"] for h in res.history]})

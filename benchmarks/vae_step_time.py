@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pyro_lvm.experiments.cli import positive_int, run_main
-from pyro_lvm.guides import GuideConfig, build_guide
-from pyro_lvm.models import VAE, VAEConfig
+from pyro.util import set_rng_seed as set_seed
 
 from pyro_lvm.data import DataConfig, load_dataset
 from pyro_lvm.evaluate import per_point_bounds
-from pyro_lvm.train import TrainConfig, fit, set_seed
+from pyro_lvm.experiments.cli import positive_int, run_main
+from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.models import VAE, VAEConfig
+from pyro_lvm.train import TrainConfig, fit
 
 
 def build(seed: int) -> tuple[VAE, Any]:

@@ -1,48 +1,178 @@
-"""Command-line plumbing shared by the experiment modules (argparse lives only here and in ``__main__``)."""
+"""Command-line plumbing: flags generated from the config dataclasses, one-line errors, exit codes.
+
+A setting is declared once, as a typed field of a config dataclass with a ``#:`` comment; its flag
+(``--latent-dim``), its type, its default and its help text are read from there. Values are checked by
+the config itself (``__post_init__``), so the API and the command line refuse the same things with the
+same words; here a :class:`~pyro_lvm.config.ConfigError` on field ``latent_dim`` becomes
+``error: --latent-dim: must be an integer >= 1, got 0`` and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from pyro_lvm.guides.registry import parse_guide_spec
-
+from pyro_lvm.config import ConfigError
+from pyro_lvm.harness import EXPERIMENTS, Experiment, ExperimentConfig, run_experiment
 from pyro_lvm.registry import UnknownNameError
 from pyro_lvm.report import results_table
+from pyro_lvm.runtime import cli_threads
 from pyro_lvm.train import TrainConfig, TrainingError
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
-USER_ERRORS = (ValueError, FileNotFoundError, UnknownNameError, TrainingError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnknownNameError, TrainingError)
+
+#: config field -> flag name where they differ
+FLAG_NAMES = {"guides": "guide"}
 
 
-def guide_list(text: str) -> list[str]:
-    """argparse type: a comma-separated list of guide specs, each checked against the registry."""
-    specs = [s.strip() for s in text.split(",") if s.strip()]
-    if not specs:
-        raise argparse.ArgumentTypeError("give at least one guide name")
-    for s in specs:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``error: ...; see --help``) and exit status 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def flag(name: str) -> str:
+    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The ``#:`` comment above each field of a dataclass (and its bases): the field's documentation."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
         try:
-            parse_guide_spec(s)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return specs
-
-
-def int_tuple(text: str) -> tuple[int, ...]:
-    """argparse type: ``"300,300"`` -> (300, 300); ``""`` -> () (a linear network)."""
-    try:
-        out = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comment: list[str] = []
+        for line in source.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                comment.append(stripped[2:].strip())
+                continue
+            m = re.match(r"(\w+)\s*:", stripped)
+            if m and comment:
+                out[m.group(1)] = " ".join(comment)
+            comment = []
     return out
 
 
+def _parser_for(tp: Any) -> tuple[Callable[[str], Any], str | None]:
+    """(argparse type, metavar) for a field's annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _parser_for(inner[0])
+    if origin is tuple:
+        item = args[0]
+        conv = {int: int, float: float, str: str}[item]
+
+        def parse(text: str) -> tuple[Any, ...]:
+            try:
+                return tuple(conv(t.strip()) for t in text.split(",") if t.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}")\
+                    from None
+
+        return parse, f"{item.__name__.upper()}[,...]"
+
+    def scalar(text: str) -> Any:
+        try:
+            return tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if tp is int else 'a'} {tp.__name__}, got {text!r}")\
+                from None
+
+    return scalar, None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any, *,
+                         only: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                         choices: dict[str, Callable[[], list[str]]] | None = None) -> list[str]:
+    """Add one flag per field of dataclass ``cls`` (defaults from ``defaults``); returns the field names added."""
+    hints, docs = typing.get_type_hints(cls), field_help(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in exclude or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        tp, default = hints[f.name], getattr(defaults, f.name)
+        help_text = docs.get(f.name, "")
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default,
+                                  "help": f"{help_text} (default: {shown})" if help_text else f"default: {shown}"}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"], metavar = _parser_for(tp)
+            if metavar:
+                kwargs["metavar"] = metavar
+            if choices and f.name in choices:
+                kwargs["choices"] = choices[f.name]()
+        parser.add_argument(flag(f.name), **kwargs)
+        added.append(f.name)
+    return added
+
+
+def parse_config(experiment: Experiment, argv: Sequence[str] | None) -> ExperimentConfig:
+    """Flags of ``experiment``'s config (and the TrainConfig fields it exposes) -> a checked config."""
+    cls, defaults = experiment.Config, experiment.Config()
+    p = ArgumentParser(prog=f"pyro-lvm {experiment.name}", description=sys.modules[type(experiment).__module__].__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = add_config_arguments(p, cls, defaults, choices=getattr(experiment, "choices", None))
+    train = add_config_arguments(p, TrainConfig, defaults.train, only=experiment.train_flags, exclude=top)
+    ns = p.parse_args(argv)
+    try:
+        train_cfg = dataclasses.replace(defaults.train, **{k: getattr(ns, k) for k in train})
+        return cls(**{k: getattr(ns, k) for k in top}, train=train_cfg)
+    except ConfigError as e:
+        p.error(f"{flag(e.field)}: {e.reason}")
+
+
+def run_cli(experiment_name: str, argv: Sequence[str] | None = None) -> int:
+    """``pyro-lvm NAME [flags]``: parse, run, print the table; user errors are one line and exit 2."""
+    from pyro_lvm import experiments  # noqa: F401 - registers every experiment
+
+    experiment = EXPERIMENTS[experiment_name]
+
+    def main() -> int:
+        cfg = parse_config(experiment, argv)
+        cfg = dataclasses.replace(cfg, threads=cli_threads(cfg.threads))
+        doc = run_experiment(experiment, cfg)
+        if not cfg.quiet:
+            print(results_table(doc))
+            print(f"results written to {cfg.output}/results.json")
+        return 0
+
+    return run_main(main)
+
+
+def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; user errors become one ``error:`` line on stderr and exit status 2."""
+    try:
+        return main(argv) if argv is not None else main()
+    except ConfigError as e:
+        print(f"error: {flag(e.field)}: {e.reason}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        text = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def positive_int(text: str) -> int:
+    """argparse type for the benchmarks' hand-written parsers: an integer >= 1."""
     try:
         v = int(text)
     except ValueError:
@@ -50,53 +180,3 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
     return v
-
-
-def add_common_args(p: argparse.ArgumentParser, *, default_output: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help="one seed fixes data split, initialisation and sampling")
-    p.add_argument("--output", default=default_output, help="directory for results.json, results.md, figures")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables on stdout")
-
-
-def add_full_batch_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """``--epochs``, ``--lr``, ``--batch-size`` (default: full batch) and ``--num-particles``."""
-    p.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default: full batch")
-    p.add_argument("--num-particles", type=positive_int, default=defaults.num_particles)
-
-
-def train_from_args(defaults: TrainConfig, a: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    """``defaults`` with the flags of :func:`add_full_batch_train_args` (and ``overrides``) applied."""
-    return dataclasses.replace(defaults, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                               num_particles=a.num_particles, **overrides)
-
-
-def experiment_main(parse_args: Callable[[Sequence[str] | None], Any],
-                    run: Callable[[Any], dict[str, Any]]) -> Callable[[Sequence[str] | None], int]:
-    """An experiment's ``main(argv)``: parse flags into its config, run it, print the table unless quiet."""
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        cfg = parse_args(argv)
-        payload = run(cfg)
-        if not cfg.quiet:
-            print(results_table(payload))
-            print(f"results written to {cfg.output}/results.json")
-        return 0
-
-    return main
-
-
-def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run an experiment's ``main``; user errors become one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except USER_ERRORS as e:
-        first, *rest = str(e).splitlines() or [type(e).__name__]
-        print(f"error: {first}", file=sys.stderr)
-        for line in rest:
-            print(f"  {line}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -1,7 +1,8 @@
 """Factor analysis (or PPCA) fitted by SVI with each guide, against the exact answer and scikit-learn.
 
-    python -m experiments.factor_analysis --dataset breast_cancer --latent-dim 5 \
+    python -m pyro_lvm.experiments.factor_analysis --dataset breast_cancer --latent-dim 5 \
         --guide exact,amortized,amortized-fullcov --seed 0 --output runs/fa
+    python -m pyro_lvm.experiments.factor_analysis --data my.csv --latent-dim 3 --guide exact,amortized
 
 ``--fix-model sklearn`` holds the model at scikit-learn's EM solution and trains only the guide, so
 each guide's gap log p(x) − ELBO can be set beside the analytic mean-field gap. scikit-learn's W has
@@ -11,7 +12,6 @@ it at W R for a random rotation R instead: the same p(x), a correlated posterior
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import warnings
@@ -21,47 +21,20 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models import MODELS, FactorAnalysis
-
-from pyro_lvm.data import DataConfig, Dataset, load_dataset
-from pyro_lvm.evaluate import EvalConfig, evaluate, public
+from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
-from pyro_lvm.report import payload, plot_training_curves, write_results
-from pyro_lvm.train import TrainConfig, default_dtype, fit, set_seed
+from pyro_lvm.train import TrainConfig
 
-from .cli import (
-    add_common_args,
-    add_full_batch_train_args,
-    experiment_main,
-    guide_list,
-    int_tuple,
-    positive_int,
-    run_main,
-    train_from_args,
-)
+from .cli import run_cli
 
-DATASETS = ("breast_cancer", "wine", "digits", "iris", "synthetic")
-
-
-@dataclass
-class FAExperimentConfig:
-    dataset: str = "breast_cancer"
-    model: str = "factor_analysis"
-    latent_dim: int = 5
-    guides: list[str] = field(default_factory=lambda: ["exact", "amortized", "amortized-fullcov"])
-    #: encoder hidden sizes; () = linear encoder, enough for FA whose exact posterior mean is linear in x
-    encoder_hidden: tuple[int, ...] = ()
-    #: a name in FIXED_MODELS: hold the model there and train only the guide (``None``: train both)
-    fix_model: str | None = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=3000, batch_size=None, lr=0.02, lr_final_factor=0.05, num_particles=4, clip_norm=100.0,
-        eval_every=50, checkpoint_every=100, restore_best=True))
-    iwae_k: int = 1000
-    seed: int = 0
-    output: str = "runs/factor_analysis"
-    quiet: bool = False
-    data: DataConfig = field(default_factory=lambda: DataConfig(dtype=torch.float64))
+#: models this experiment fits (factor analysis and its isotropic special case)
+FA_MODELS = ("factor_analysis", "ppca")
 
 
 def sklearn_baseline(model_name: str, ds: Dataset, latent_dim: int, seed: int) -> tuple[dict[str, Any], Any]:
@@ -70,7 +43,7 @@ def sklearn_baseline(model_name: str, ds: Dataset, latent_dim: int, seed: int) -
     from sklearn.decomposition import FactorAnalysis as SkFA
     from sklearn.exceptions import ConvergenceWarning
 
-    train, test = ds.train.numpy(), ds.test.numpy()
+    train, test = ds.train.double().numpy(), ds.test.double().numpy()
     if model_name == "ppca":
         est = PCA(latent_dim, random_state=seed).fit(train)
         name = "sklearn.PCA (PPCA MLE)"
@@ -88,7 +61,7 @@ def set_to_sklearn(model: FactorAnalysis, est: Any) -> None:
         W = est.components_.T
     else:  # PCA: W = U (Λ − σ²I)^½, Tipping & Bishop (1999)
         W = est.components_.T * np.sqrt(np.maximum(est.explained_variance_ - est.noise_variance_, 0.0))
-    model.set_parameters(torch.as_tensor(W), torch.as_tensor(est.mean_), torch.as_tensor(est.noise_variance_))
+    model.set_parameters(W, est.mean_, est.noise_variance_)
 
 
 #: --fix-model NAME -> how to set the held-fixed model from scikit-learn's estimate (model, estimate, seed)
@@ -109,86 +82,103 @@ def at_sklearn_rotated(model: FactorAnalysis, est: Any, seed: int) -> None:
     model.rotate(q * torch.sign(torch.diagonal(r)))  # a Haar-distributed orthogonal matrix
 
 
-def run(cfg: FAExperimentConfig) -> dict[str, Any]:
-    """Fit every guide, evaluate on the test split, write results; returns the results payload."""
-    with default_dtype(torch.float64):  # small data; float64 makes the closed forms exact to ~1e-12
-        return _run(cfg)
+@dataclass
+class FAExperimentConfig(ExperimentConfig):
+    dataset: str = "breast_cancer"
+    guides: tuple[str, ...] = ("exact", "amortized", "amortized-fullcov")
+    output: str = "runs/factor_analysis"
+    #: factor_analysis or ppca
+    model: str = "factor_analysis"
+    #: k, the number of factors
+    latent_dim: int = 5
+    #: encoder hidden sizes; empty = a linear encoder, enough for FA whose exact posterior mean is linear in x
+    encoder_hidden: tuple[int, ...] = ()
+    #: hold the model at scikit-learn's solution (sklearn) or it rotated (sklearn-rotated); train only the guide
+    fix_model: str | None = None
+    #: end on the state with the best validation ELBO (best) or the last iterate (last)
+    keep: str = "best"
+    #: ELBO estimator: trace or meanfield (analytic KL)
+    elbo: str = "trace"
+    #: train / valid / test fractions of the data
+    split: tuple[float, ...] = (0.6, 0.2, 0.2)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=3000, batch_size=None, lr=0.02, lr_final_factor=0.05, num_particles=4, clip_norm=100.0,
+        eval_every=50, checkpoint_every=100, restore_best=True))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(self, positive_int=("latent_dim",))
+        check_choice(self, "model", FA_MODELS)
+        check_choice(self, "fix_model", FIXED_MODELS.names())
+        check_choice(self, "keep", ("best", "last"))
+        check_choice(self, "elbo", ("trace", "meanfield"))
+        if len(self.split) != 3:
+            raise ConfigError("split", f"expected three fractions train,valid,test, got {self.split}")
 
 
-def _run(cfg: FAExperimentConfig) -> dict[str, Any]:
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    fix_model = FIXED_MODELS[cfg.fix_model] if cfg.fix_model else None  # an unknown name fails here, listing them
-    data_cfg = dataclasses.replace(cfg.data, seed=cfg.seed, dtype=torch.float64)
-    ds = load_dataset(cfg.dataset, data_cfg)
-    if not 1 <= cfg.latent_dim < ds.data_dim:
-        raise ValueError(f"--latent-dim must be between 1 and {ds.data_dim - 1} for {cfg.dataset}, "
-                         f"got {cfg.latent_dim}")
-    baseline, est = sklearn_baseline(cfg.model, ds, cfg.latent_dim, cfg.seed)
-    model_cls = MODELS[cfg.model]
-    results, histories = [], {}
-    for spec in cfg.guides:
-        set_seed(cfg.seed)
-        model = model_cls(model_cls.Config(ds.data_dim, cfg.latent_dim))
+@register_experiment("factor_analysis")
+class FactorAnalysisExperiment(Experiment):
+    Config = FAExperimentConfig
+    required_tags = frozenset({"continuous"})
+    dtype = torch.float64  # small data; float64 makes the closed forms exact to ~1e-12
+    summary = "factor analysis / PPCA: every guide against the exact log p(x) and scikit-learn"
+    choices = {"model": lambda: list(FA_MODELS), "fix_model": FIXED_MODELS.names, "keep": lambda: ["best", "last"],
+               "elbo": lambda: ["trace", "meanfield"]}
+
+    def model_traits(self, cfg: FAExperimentConfig) -> ModelTraits:
+        cls = MODELS[cfg.model]
+        return cls.traits_for(cls.Config(max(cfg.latent_dim, 1), cfg.latent_dim))
+
+    def estimator(self, cfg: FAExperimentConfig) -> str:
+        return cfg.elbo
+
+    def data_config(self, cfg: FAExperimentConfig) -> DataConfig:
+        return DataConfig(seed=cfg.seed, split=tuple(cfg.split), dtype=torch.float64, latent_dim=cfg.latent_dim)
+
+    def check_data(self, cfg: FAExperimentConfig, ds: Dataset) -> None:
+        if not 1 <= cfg.latent_dim < ds.data_dim:
+            raise ConfigError("latent_dim", f"must be between 1 and {ds.data_dim - 1} for data with "
+                              f"{ds.data_dim} features, got {cfg.latent_dim}")
+
+    def baselines(self, cfg: FAExperimentConfig, ds: Dataset) -> list[dict[str, Any]]:
+        row, est = sklearn_baseline(cfg.model, ds, cfg.latent_dim, cfg.seed)
+        ds.meta["sklearn_estimate"] = est  # --fix-model holds each guide's model there
+        return [row]
+
+    def build(self, cfg: FAExperimentConfig, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
+        cls = MODELS[cfg.model]
+        model = cls(cls.Config(ds.data_dim, cfg.latent_dim))
         model.init_from_data(ds.train)
-        if fix_model:
-            fix_model(model, est, cfg.seed)
-        guide = build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
-        train_cfg = dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet, train_model=not cfg.fix_model,
-                                        output=f"{cfg.output}/checkpoints/{spec.replace(':', '_')}")
-        fr = fit(model, guide, ds.train, ds.valid, train_cfg)
-        test = public(evaluate(model, guide, ds.test, EvalConfig(iwae_k=cfg.iwae_k)))
+        if cfg.fix_model:
+            FIXED_MODELS[cfg.fix_model](model, ds.meta["sklearn_estimate"], cfg.seed)
+        return model, build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
+
+    def train_config(self, cfg: FAExperimentConfig, spec: str, output: str) -> TrainConfig:
+        return dataclasses.replace(super().train_config(cfg, spec, output), train_model=not cfg.fix_model,
+                                   elbo=cfg.elbo, restore_best=cfg.keep == "best")
+
+    def extras(self, cfg: FAExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+               fr: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         if isinstance(model, FactorAnalysis):  # the fitted model's own: 0 once WᵀΨ⁻¹W is diagonal
-            test["analytic_mean_field_gap"] = model.mean_field_gap()
-        row: dict[str, Any] = {"guide": spec, "test": test, "train_seconds": fr.train_seconds,
-                               "seconds_per_epoch": fr.seconds_per_epoch, "best_epoch": fr.best_epoch,
-                               "epochs_run": len(fr.history)}
-        if "truth" in ds.meta:
+            out["test"] = {"analytic_mean_field_gap": model.mean_field_gap()}
+        truth = ds.meta.get("truth")
+        if truth is not None and "cov" in truth:
             with torch.no_grad():
-                cov = model.marginal().covariance_matrix
-                true = ds.meta["truth"]["cov"]
-                row["recovery"] = {"cov_relative_error": float((cov - true).norm() / true.norm())}
-        results.append(row)
-        histories[spec] = fr.history
-        if not cfg.quiet:
-            t = test
-            print(f"{spec:>20}: ELBO {t['elbo']:.3f}  IWAE-{t['iwae_k']} {t['iwae']:.3f}  "
-                  f"exact {t['exact_log_likelihood']:.3f}  ({fr.train_seconds:.1f}s)", file=sys.stderr)
-    config = dataclasses.asdict(cfg) | {"data": {**dataclasses.asdict(data_cfg), "dtype": "float64"}}
-    out = payload("factor_analysis", cfg.dataset, config, ds.sizes(), results, [baseline])
-    write_results(cfg.output, out)
-    plot_training_curves(histories, f"{cfg.output}/training_curves.png",
-                         title=f"{cfg.model} on {cfg.dataset}, k = {cfg.latent_dim}")
-    return out
+                cov = model.marginal().covariance_matrix.cpu()
+                true = torch.as_tensor(truth["cov"]).to(cov)
+                out["recovery"] = {"cov_relative_error": float((cov - true).norm() / true.norm())}
+        return out
+
+    def describe(self, row: dict[str, Any]) -> str:
+        t = row["test"]
+        return (f"{row['guide']:>20}: ELBO {t['elbo']:.3f}  IWAE-{t['iwae_k']} {t['iwae']:.3f}  "
+                f"exact {t['exact_log_likelihood']:.3f}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> FAExperimentConfig:
-    d = FAExperimentConfig()
-    p = argparse.ArgumentParser(prog="python -m experiments.factor_analysis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    p.add_argument("--model", choices=["factor_analysis", "ppca"], default=d.model)
-    p.add_argument("--latent-dim", type=positive_int, default=d.latent_dim)
-    p.add_argument("--guide", type=guide_list, default=d.guides, help="guide name or comma-separated list")
-    p.add_argument("--encoder-hidden", type=int_tuple, default=d.encoder_hidden,
-                   help="encoder hidden sizes, e.g. 64,64; empty = linear (default)")
-    p.add_argument("--fix-model", choices=FIXED_MODELS.names(), default=None,
-                   help="hold the model at scikit-learn's solution (or it rotated) and train only the guide")
-    add_full_batch_train_args(p, d.train)
-    p.add_argument("--elbo", choices=["trace", "meanfield"], default="trace")
-    p.add_argument("--keep", choices=["best", "last"], default="best",
-                   help="end on the state with the best validation ELBO (checked every 50 epochs) or the last one")
-    p.add_argument("--iwae-k", type=positive_int, default=d.iwae_k)
-    add_common_args(p, default_output=d.output)
-    a = p.parse_args(argv)
-    train = train_from_args(d.train, a, elbo=a.elbo, restore_best=a.keep == "best")
-    return FAExperimentConfig(dataset=a.dataset, model=a.model, latent_dim=a.latent_dim, guides=a.guide,
-                              encoder_hidden=a.encoder_hidden, fix_model=a.fix_model, train=train,
-                              iwae_k=a.iwae_k, seed=a.seed, output=a.output, quiet=a.quiet)
-
-
-main = experiment_main(parse_args, run)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("factor_analysis", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

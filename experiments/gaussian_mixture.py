@@ -1,6 +1,6 @@
 """Gaussian mixtures fitted by SVI with each global guide, against scikit-learn's EM.
 
-    python -m experiments.gaussian_mixture --dataset iris --components 3 --covariance full \\
+    python -m pyro_lvm.experiments.gaussian_mixture --dataset iris --components 3 --covariance full \\
         --assignments collapsed --guide map,meanfield,fullrank,auto-iaf --seed 0 --output runs/gmm_iris
 
 For each guide: several k-means++-seeded restarts (the best final training ELBO is kept), then the
@@ -12,7 +12,6 @@ is the EM baseline row. Posterior draws of every non-point-mass guide are writte
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -24,56 +23,63 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GlobalGuide, GuideConfig, build_guide
+from pyro_lvm.harness import Experiment, ExperimentConfig, guide_tag, register_experiment
 from pyro_lvm.models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
+from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.models.gaussian_mixture import component_order, reorder
+from pyro_lvm.report import new_figure
+from pyro_lvm.runtime import seeded
+from pyro_lvm.train import ELBOS, FitResult, TrainConfig, fit
 
-from pyro_lvm.data import DataConfig, Dataset, load_dataset
-from pyro_lvm.evaluate import EvalConfig, evaluate, public
-from pyro_lvm.report import payload, plot_training_curves, write_results
-from pyro_lvm.train import ELBOS, FitResult, TrainConfig, default_dtype, fit, set_seed
-
-from .cli import (
-    add_common_args,
-    add_full_batch_train_args,
-    experiment_main,
-    guide_list,
-    int_tuple,
-    positive_int,
-    run_main,
-    train_from_args,
-)
-
-#: the experiment's dataset names -> registered loaders
-DATASETS = {"iris": "iris", "wine": "wine", "digits-pca": "digits_pca", "synthetic": "synthetic_mixture"}
+from .cli import run_cli
 
 
 @dataclass
-class GMMExperimentConfig:
+class GMMExperimentConfig(ExperimentConfig):
     dataset: str = "iris"
+    guides: tuple[str, ...] = ("map",)
+    output: str = "runs/gaussian_mixture"
+    iwae_k: int = 100
+    #: K, the number of components
     components: int = 3
+    #: diag or full component covariances
     covariance: str = "full"
+    #: collapsed (summed out), enumerated (TraceEnum_ELBO) or amortized (a neural q(c|x))
     assignments: str = "collapsed"
-    guides: list[str] = field(default_factory=lambda: ["map"])
     #: k-means++-seeded fits per guide; the one with the best final training ELBO is kept
     restarts: int = 3
-    #: hidden sizes of the amortized q(c|x) (``--assignments amortized``)
+    #: hidden sizes of the amortized q(c|x) (--assignments amortized)
     encoder_hidden: tuple[int, ...] = (32,)
-    #: ELBO estimator; ``None``: the assignment scheme's own (trace, traceenum, tracegraph)
+    #: ELBO estimator; default: the assignment scheme's own (trace, traceenum, tracegraph)
     elbo: str | None = None
+    #: draws θ ~ q(θ) for the posterior predictive and the ArviZ export
+    posterior_samples: int = 200
+    #: train / valid / test fractions of the data
+    split: tuple[float, ...] = (0.7, 0.0, 0.3)
+    #: synthetic data: number of points
+    num_points: int = 1000
+    #: synthetic data: dimensions
+    data_dim: int = 2
+    #: synthetic data: least distance between two means
+    separation: float = 6.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1000, batch_size=None, lr=0.02, lr_final_factor=0.1, clip_norm=100.0, restore_best=False,
         checkpoint_every=250))
-    iwae_k: int = 100
-    posterior_samples: int = 200
-    split: tuple[float, float, float] = (0.7, 0.0, 0.3)
-    #: synthetic data: points, dimensions, least distance between means
-    num_points: int = 1000
-    data_dim: int = 2
-    separation: float = 6.0
-    seed: int = 0
-    output: str = "runs/gaussian_mixture"
-    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(self, positive_int=("components", "restarts", "posterior_samples", "num_points", "data_dim"),
+                     positive=("separation",))
+        self.encoder_hidden = tuple(self.encoder_hidden)
+        check_choice(self, "covariance", COVARIANCES.names())
+        check_choice(self, "assignments", ASSIGNMENTS.names())
+        check_choice(self, "elbo", ELBOS.names())
+        if len(self.split) != 3:
+            raise ConfigError("split", f"expected three fractions train,valid,test, got {self.split}")
 
 
 def sklearn_baseline(ds: Dataset, cfg: GMMExperimentConfig) -> dict[str, Any]:
@@ -84,10 +90,10 @@ def sklearn_baseline(ds: Dataset, cfg: GMMExperimentConfig) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         est = SkGMM(cfg.components, covariance_type=cfg.covariance, n_init=5, max_iter=1000, tol=1e-6,
-                    random_state=cfg.seed).fit(ds.train.numpy())
+                    random_state=cfg.seed).fit(ds.train.double().numpy())
     return {"name": "sklearn.GaussianMixture(n_init=5)",
-            "test": {"exact_log_likelihood": float(est.score(ds.test.numpy()))},
-            "train_log_likelihood": float(est.score(ds.train.numpy()))}
+            "test": {"exact_log_likelihood": float(est.score(ds.test.double().numpy()))},
+            "train_log_likelihood": float(est.score(ds.train.double().numpy()))}
 
 
 def final_loss(fr: FitResult) -> float:
@@ -95,25 +101,31 @@ def final_loss(fr: FitResult) -> float:
     return float(np.mean([h["train_loss"] for h in fr.history[-max(1, len(fr.history) // 20):]]))
 
 
-def fit_with_restarts(cfg: GMMExperimentConfig, ds: Dataset, spec: str) -> tuple[GaussianMixture, GlobalGuide,
-                                                                                   FitResult, list[FitResult]]:
-    """Fit ``cfg.restarts`` times from different k-means++ seeds; keep the best final training ELBO.
+def build_mixture(cfg: GMMExperimentConfig, ds: Dataset, spec: str, restart: int) -> tuple[GaussianMixture,
+                                                                                        GlobalGuide]:
+    model = GaussianMixture(GaussianMixtureConfig(ds.data_dim, cfg.components, cfg.covariance, cfg.assignments))
+    model.init_from_data(ds.train, seed=cfg.seed + restart)
+    return model, build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
 
-    Returns the kept model, guide and fit, and every restart's fit (for its final loss and time).
-    """
+
+def fit_with_restarts(cfg: GMMExperimentConfig, ds: Dataset, spec: str,
+                      first: tuple[GaussianMixture, GlobalGuide] | None = None, train_cfg: TrainConfig | None = None
+                      ) -> tuple[GaussianMixture, GlobalGuide, FitResult, list[FitResult]]:
+    """Fit ``cfg.restarts`` times from different k-means++ seeds (``first``, if given, is restart 0); keep the
+    best final training ELBO. Returns the kept model, guide and fit, and every restart's fit (for its final loss
+    and time). ``train_cfg`` defaults to ``cfg.train`` with the run's seed and estimator, no checkpoints."""
+    train_cfg = train_cfg or dataclasses.replace(cfg.train, seed=cfg.seed, quiet=True, elbo=cfg.elbo)
     best: tuple[GaussianMixture, GlobalGuide, FitResult] | None = None
     best_loss = math.inf
     fits: list[FitResult] = []
-    tag = spec.replace(":", "_")
     for r in range(cfg.restarts):
-        set_seed(cfg.seed + r)
-        model = GaussianMixture(GaussianMixtureConfig(ds.data_dim, cfg.components, cfg.covariance, cfg.assignments))
-        model.init_from_data(ds.train, seed=cfg.seed + r)
-        guide = build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
-        train_cfg = dataclasses.replace(cfg.train, seed=cfg.seed + r, quiet=cfg.quiet,
-                                        elbo=cfg.elbo or model.default_elbo,
-                                        output=f"{cfg.output}/checkpoints/{tag}/restart{r}")
-        fr = fit(model, guide, ds.train, ds.valid, train_cfg)
+        if r == 0 and first is not None:
+            model, guide = first
+        else:
+            with seeded(cfg.seed + r):
+                model, guide = build_mixture(cfg, ds, spec, r)
+        fr = fit(model, guide, ds.train, ds.valid, dataclasses.replace(
+            train_cfg, seed=cfg.seed + r, output=f"{train_cfg.output}/restart{r}" if train_cfg.output else None))
         fits.append(fr)
         loss = final_loss(fr)
         if best is None or loss < best_loss:
@@ -182,9 +194,6 @@ def plot_clusters(model: GaussianMixture, guide: GlobalGuide, ds: Dataset, path:
     2-D data are drawn as is; otherwise on the first two principal axes of the training data.
     """
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Ellipse
 
     theta = guide.point_estimate(ds.train)
@@ -195,8 +204,8 @@ def plot_clusters(model: GaussianMixture, guide: GlobalGuide, ds: Dataset, path:
     else:
         proj, labels = torch.linalg.svd(ds.train - mean, full_matrices=False)[2][:2].T, ("PC1", "PC2")
     pts = [((x - mean) @ proj, model.responsibilities(x, theta)) for x in (ds.train, ds.test)]
-    colors = plt.get_cmap("tab10")(np.arange(model.num_components) % 10)[:, :3]
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    colors = matplotlib.colormaps["tab10"](np.arange(model.num_components) % 10)[:, :3]
+    fig, ax = new_figure(figsize=(6.5, 5.5))
     for (xy, resp), marker, alpha in zip(pts, ("o", "^"), (0.25, 0.9), strict=True):
         ax.scatter(xy[:, 0], xy[:, 1], c=np.clip(resp.numpy() @ colors, 0, 1), s=14, marker=marker, alpha=alpha,
                    edgecolors="none")
@@ -212,106 +221,79 @@ def plot_clusters(model: GaussianMixture, guide: GlobalGuide, ds: Dataset, path:
     ax.text(0.01, 0.01, "circles: train, triangles: test; colour = responsibilities; ellipses: 2σ",
             transform=ax.transAxes, fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
-def run(cfg: GMMExperimentConfig) -> dict[str, Any]:
-    """Fit every guide, evaluate on the test split, write results and figures; returns the payload."""
-    with default_dtype(torch.float64):  # small data; float64 keeps the enumerated sums exact
-        return _run(cfg)
+@register_experiment("gaussian_mixture")
+class GaussianMixtureExperiment(Experiment):
+    Config = GMMExperimentConfig
+    required_tags = frozenset({"continuous"})
+    dtype = torch.float64  # small data; float64 keeps the enumerated sums exact
+    summary = "Gaussian mixtures: collapsed / enumerated / amortized assignments, global guides, against EM"
+    choices = {"covariance": COVARIANCES.names, "assignments": ASSIGNMENTS.names, "elbo": ELBOS.names}
 
+    def model_traits(self, cfg: GMMExperimentConfig) -> ModelTraits:
+        return GaussianMixture.traits_for(GaussianMixtureConfig(1, cfg.components, cfg.covariance, cfg.assignments))
 
-def _run(cfg: GMMExperimentConfig) -> dict[str, Any]:
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    for registry, name in ((COVARIANCES, cfg.covariance), (ASSIGNMENTS, cfg.assignments), (ELBOS, cfg.elbo)):
-        if name is not None and name not in registry:
-            registry[name]  # noqa: B018 - raises UnknownNameError listing the valid names, before any work
-    if cfg.components < 1 or cfg.restarts < 1:
-        raise ValueError(f"--components and --restarts must be >= 1, got {cfg.components}, {cfg.restarts}")
-    data_cfg = DataConfig(seed=cfg.seed, split=cfg.split, dtype=torch.float64, num_points=cfg.num_points,
+    def estimator(self, cfg: GMMExperimentConfig) -> str | None:
+        return cfg.elbo
+
+    def data_config(self, cfg: GMMExperimentConfig) -> DataConfig:
+        return DataConfig(seed=cfg.seed, split=tuple(cfg.split), dtype=torch.float64, num_points=cfg.num_points,
                           data_dim=cfg.data_dim, num_components=cfg.components, separation=cfg.separation)
-    ds = load_dataset(DATASETS[cfg.dataset], data_cfg)
-    if len(ds.train) < cfg.components:
-        raise ValueError(f"{cfg.dataset}: {len(ds.train)} training points cannot fit {cfg.components} components")
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    baseline = sklearn_baseline(ds, cfg)
-    results, histories = [], {}
-    for spec in cfg.guides:
-        model, guide, fr, fits = fit_with_restarts(cfg, ds, spec)
-        test = public(evaluate(model, guide, ds.test, EvalConfig(iwae_k=cfg.iwae_k,
-                                                                  posterior_samples=cfg.posterior_samples)))
-        tag = spec.replace(":", "_")
-        row: dict[str, Any] = {"guide": spec, "test": test, "train_seconds": fr.train_seconds,
-                               "seconds_per_epoch": fr.seconds_per_epoch, "epochs_run": len(fr.history),
-                               "restart_final_losses": [final_loss(f) for f in fits],
+
+    def check_data(self, cfg: GMMExperimentConfig, ds: Dataset) -> None:
+        if len(ds.train) < cfg.components:
+            raise ConfigError("components", f"{len(ds.train)} training points cannot fit {cfg.components} "
+                              "components; use fewer components or more data")
+
+    def baselines(self, cfg: GMMExperimentConfig, ds: Dataset) -> list[dict[str, Any]]:
+        return [sklearn_baseline(ds, cfg)]
+
+    def build(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
+        return build_mixture(cfg, ds, spec, 0)
+
+    def train_config(self, cfg: GMMExperimentConfig, spec: str, output: str) -> TrainConfig:
+        return dataclasses.replace(super().train_config(cfg, spec, output), elbo=cfg.elbo)
+
+    def fit(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+            train_cfg: TrainConfig) -> tuple[LatentModel, Any, FitResult]:
+        model, guide, fr, fits = fit_with_restarts(cfg, ds, spec, (model, guide), train_cfg)
+        self._restarts = fits
+        return model, guide, fr
+
+    def eval_config(self, cfg: GMMExperimentConfig) -> Any:
+        return dataclasses.replace(super().eval_config(cfg), posterior_samples=cfg.posterior_samples)
+
+    def extras(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+               fr: FitResult) -> dict[str, Any]:
+        fits = getattr(self, "_restarts", [fr]) if not cfg.from_checkpoints else [fr]
+        row: dict[str, Any] = {"restart_final_losses": [final_loss(f) for f in fits if f.history],
                                "restart_seconds": [f.train_seconds for f in fits],
                                "components": component_summary(model, guide, ds)}
-        if "truth" in ds.meta:
+        if "truth" in ds.meta and "locs" in ds.meta["truth"]:
             row["recovery"] = recovery(model, guide, ds)
         if not guide.is_point_mass:
-            row["posterior"] = write_posterior(guide, ds, f"{cfg.output}/{tag}_posterior.nc",
+            row["posterior"] = write_posterior(guide, ds, str(Path(cfg.output) / f"{guide_tag(spec)}_posterior.nc"),
                                                cfg.posterior_samples)
-        results.append(row)
-        histories[spec] = fr.history
-        plot_clusters(model, guide, ds, f"{cfg.output}/{tag}_clusters.png",
-                      f"{cfg.dataset}: {spec}, {cfg.assignments}, {cfg.covariance} covariance")
-        if not cfg.quiet:
-            print(f"{spec:>12}: test log p(x|θ̂) {test['exact_log_likelihood']:.4f}  predictive "
-                  f"{test['predictive_log_likelihood']:.4f}  ELBO {test['elbo']:.4f}  "
-                  f"({fr.train_seconds:.1f}s)", file=sys.stderr)
-    out = payload("gaussian_mixture", cfg.dataset, dataclasses.asdict(cfg), ds.sizes(), results, [baseline])
-    write_results(cfg.output, out)
-    plot_training_curves(histories, f"{cfg.output}/training_curves.png",
-                         title=f"Gaussian mixture (K = {cfg.components}, {cfg.covariance}) on {cfg.dataset}")
-    return out
+        return row
+
+    def describe(self, row: dict[str, Any]) -> str:
+        t = row["test"]
+        return (f"{row['guide']:>12}: test log p(x|θ̂) {t['exact_log_likelihood']:.4f}  predictive "
+                f"{t['predictive_log_likelihood']:.4f}  ELBO {t['elbo']:.4f}")
+
+    def figures(self, cfg: GMMExperimentConfig, ds: Dataset, fitted: dict[str, tuple[LatentModel, Any]],
+                histories: dict[str, list[dict[str, float]]]) -> None:
+        super().figures(cfg, ds, fitted, histories)
+        for spec, (model, guide) in fitted.items():
+            plot_clusters(model, guide, ds, str(Path(cfg.output) / f"{guide_tag(spec)}_clusters.png"),
+                          f"{ds.name}: {spec}, {cfg.assignments}, {cfg.covariance} covariance")
 
 
-def _split(text: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three fractions like 0.7,0,0.3, got {text!r}") from None
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three fractions (train,valid,test), got {text!r}")
-    return parts  # type: ignore[return-value]
-
-
-def parse_args(argv: Sequence[str] | None = None) -> GMMExperimentConfig:
-    d = GMMExperimentConfig()
-    p = argparse.ArgumentParser(prog="python -m experiments.gaussian_mixture", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=list(DATASETS), default=d.dataset)
-    p.add_argument("--components", type=positive_int, default=d.components)
-    p.add_argument("--covariance", choices=COVARIANCES.names(), default=d.covariance)
-    p.add_argument("--assignments", choices=ASSIGNMENTS.names(), default=d.assignments)
-    p.add_argument("--guide", type=guide_list, default=d.guides, help="global guide(s): map, meanfield, fullrank, "
-                   "lowrank[:R], auto-iaf[:K]; comma-separated to compare")
-    p.add_argument("--restarts", type=positive_int, default=d.restarts)
-    p.add_argument("--encoder-hidden", type=int_tuple, default=d.encoder_hidden)
-    p.add_argument("--elbo", choices=ELBOS.names(), default=None,
-                   help="override the estimator (default: trace / traceenum / tracegraph by --assignments)")
-    add_full_batch_train_args(p, d.train)
-    p.add_argument("--iwae-k", type=positive_int, default=d.iwae_k)
-    p.add_argument("--posterior-samples", type=positive_int, default=d.posterior_samples)
-    p.add_argument("--split", type=_split, default=d.split, help="train,valid,test fractions (default 0.7,0,0.3)")
-    p.add_argument("--num-points", type=positive_int, default=d.num_points, help="synthetic data only")
-    p.add_argument("--data-dim", type=positive_int, default=d.data_dim, help="synthetic data only")
-    p.add_argument("--separation", type=float, default=d.separation, help="synthetic data only")
-    add_common_args(p, default_output=d.output)
-    a = p.parse_args(argv)
-    train = train_from_args(d.train, a)
-    return GMMExperimentConfig(dataset=a.dataset, components=a.components, covariance=a.covariance,
-                               assignments=a.assignments, guides=a.guide, restarts=a.restarts,
-                               encoder_hidden=a.encoder_hidden, elbo=a.elbo, train=train, iwae_k=a.iwae_k,
-                               posterior_samples=a.posterior_samples, split=a.split, num_points=a.num_points,
-                               data_dim=a.data_dim, separation=a.separation, seed=a.seed, output=a.output,
-                               quiet=a.quiet)
-
-
-main = experiment_main(parse_args, run)
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("gaussian_mixture", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -7,18 +7,26 @@ from . import amortized, autoguides, flows  # noqa: F401  (registers)
 from .amortized import (
     AmortizedGuide,
     DiagonalGaussianGuide,
-    Encoder,
     ExactPosteriorGuide,
     FullCovGaussianGuide,
 )
 from .autoguides import AmortizedCategorical, AutoFlowNormal, GlobalGuide
 from .config import GuideConfig
 from .flows import FLOWS, AmortizedFlowGuide
-from .registry import GUIDES, GuideEntry, build_guide, guide_names, parse_guide_spec, register_guide
+from .registry import (
+    GUIDES,
+    GuideEntry,
+    build_guide,
+    check_guide,
+    guide_names,
+    parse_guide_spec,
+    register_guide,
+    usable_guides,
+)
 
 __all__ = [
     "AmortizedCategorical", "AutoFlowNormal", "GlobalGuide", "FLOWS", "GUIDES", "AmortizedFlowGuide",
-    "AmortizedGuide", "DiagonalGaussianGuide", "Encoder",
+    "AmortizedGuide", "DiagonalGaussianGuide",
     "ExactPosteriorGuide", "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names",
-    "parse_guide_spec", "register_guide",
+    "parse_guide_spec", "register_guide", "check_guide", "usable_guides",
 ]

@@ -9,31 +9,37 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import Distribution, constraints
 from pyro.nn import PyroModule
-from pyro_lvm.models.base import LatentModel, data_plate
-from pyro_lvm.models.vae import ACTIVATIONS
 from torch import nn
+
+from pyro_lvm.models.base import LatentModel, data_plate
+from pyro_lvm.nn import Encoder
+from pyro_lvm.runtime import local_params, seeded
 
 from .config import GuideConfig
 from .registry import exact_posterior_available, register_guide
 
 
-class Encoder(nn.Module):
-    """MLP x -> h; with no hidden layers h = x (a linear encoder once heads are attached)."""
+class LocalPosterior:
+    """Mixin of guides with a per-point q(z|x): :meth:`posterior` and :meth:`encode` for new points.
 
-    def __init__(self, input_dim: int, hidden: tuple[int, ...], activation: str = "relu") -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        layers: list[nn.Module] = []
-        width = input_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
-            width = h
-        self.net = nn.Sequential(*layers)
-        self.output_dim = width
+    Subclasses provide ``distribution(x)`` (batch shape ``x.shape[:-1]``) and ``_model`` (a 1-tuple).
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def posterior(self, x: object) -> Distribution:
+        """q(z|x) for new points ``x`` (array, tensor or DataFrame of shape (N, D)), batch shape (N,)."""
+        model = self._model[0]  # type: ignore[attr-defined]
+        x = model.validate(x, name="x")
+        with local_params(model, self), torch.no_grad():
+            return self.distribution(x)  # type: ignore[attr-defined]
+
+    def encode(self, x: object, num_samples: int = 256, seed: int | None = None) -> torch.Tensor:
+        """E_q[z|x] per point, shape (N, latent_dim): exact for Gaussian families, else a Monte Carlo mean."""
+        q = self.posterior(x)
+        try:
+            return q.mean
+        except NotImplementedError:  # flows: no closed-form mean
+            with seeded(seed), torch.no_grad():
+                return q.sample((num_samples,)).mean(0)
 
 
 def _scale_head(width: int, out: int, init_scale: float) -> nn.Linear:
@@ -44,7 +50,7 @@ def _scale_head(width: int, out: int, init_scale: float) -> nn.Linear:
     return head
 
 
-class AmortizedGuide(PyroModule):
+class AmortizedGuide(LocalPosterior, PyroModule):
     """Base of amortized guides: ``distribution(x)`` is q(z|x) with batch shape ``x.shape[:-1]``.
 
     ``forward`` samples the model's local site from it inside the shared data plate, so model and
@@ -53,6 +59,7 @@ class AmortizedGuide(PyroModule):
 
     def __init__(self, model: LatentModel, config: GuideConfig) -> None:
         super().__init__()
+        self._model = (model,)  # not a submodule: the model's state is not the guide's
         self.site = model.local_site
         self.data_dim, self.latent_dim = model.data_dim, model.latent_dim
         self.config = config
@@ -62,7 +69,7 @@ class AmortizedGuide(PyroModule):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
-        with data_plate(x.shape[0], total_size):
+        with data_plate(x.shape[0], total_size, x.device):
             pyro.sample(self.site, self.distribution(x))
 
 
@@ -146,19 +153,19 @@ class FullCovGaussianGuide(AmortizedGuide):
         return dist.TransformedDistribution(base, [CholeskyAffine(loc, self.scale_tril(h))])
 
 
-class ExactPosteriorGuide(PyroModule):
+class ExactPosteriorGuide(LocalPosterior, PyroModule):
     """q(z|x) = p(z|x), the model's closed-form posterior; it has no parameters of its own."""
 
     def __init__(self, model: LatentModel) -> None:
         super().__init__()
         self.site = model.local_site
-        self.model = model
+        self._model = (model,)  # not a submodule: the model's parameters are the model's to train
 
     def distribution(self, x: torch.Tensor) -> Distribution:
-        return self.model.exact_posterior(x)
+        return self._model[0].exact_posterior(x)
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
-        with data_plate(x.shape[0], total_size):
+        with data_plate(x.shape[0], total_size, x.device):
             pyro.sample(self.site, self.distribution(x))
 
 

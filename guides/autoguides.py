@@ -27,11 +27,13 @@ from pyro.distributions import Distribution
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from pyro.nn import PyroModule
-from pyro_lvm.models.base import LatentModel, data_plate
 from torch import nn
 from torch.distributions import biject_to
 
-from .amortized import Encoder
+from pyro_lvm.models.base import LatentModel, ModelTraits, data_plate
+from pyro_lvm.nn import Encoder
+from pyro_lvm.runtime import local_params
+
 from .config import GuideConfig
 from .registry import register_guide
 
@@ -110,7 +112,7 @@ class AmortizedCategorical(PyroModule):
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
         baseline = {"nn_baseline": lambda v: self.baseline(v).squeeze(-1), "nn_baseline_input": x}
-        with data_plate(x.shape[0], total_size):
+        with data_plate(x.shape[0], total_size, x.device):
             pyro.sample(self.site, self.distribution(x), infer={"baseline": baseline})
 
 
@@ -153,22 +155,40 @@ class GlobalGuide(PyroModule):
     @torch.no_grad()
     def sample_globals(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One draw θ ~ q(θ) of every global (constrained values)."""
-        return {k: v.detach() for k, v in self.globals(x).items()}
+        with local_params(self, self._model[0]):
+            return {k: v.detach() for k, v in self.globals(x).items()}
 
     @torch.no_grad()
-    def point_estimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """θ̂: the MAP point for ``map``, the image of the base median for the others."""
-        self.globals(x)  # builds the prototype if this guide has never run
-        return {k: v.detach() for k, v in self.globals.median(x).items()}
+    def point_estimate(self, x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """θ̂: the MAP point for ``map``, the image of the base median for the others (``x`` is not used
+        beyond building the guide's parameters on first use)."""
+        model = self._model[0]
+        x = model.data_loc.unsqueeze(0) if x is None else x
+        with local_params(self, self._model[0]):
+            self.globals(x)  # builds the prototype if this guide has never run
+            return {k: v.detach() for k, v in self.globals.median(x).items()}
+
+    def posterior(self, x: object) -> dist.Categorical:
+        """The assignment posterior for new points: q(c|x) where it is amortized, else p(c | x, θ̂)."""
+        model = self._model[0]
+        x = model.validate(x, name="x")
+        with local_params(self, model), torch.no_grad():
+            if self.assignments is not None:
+                return self.assignments.distribution(x)
+            return dist.Categorical(probs=model.responsibilities(x, self.point_estimate(x)))
+
+    def encode(self, x: object) -> torch.Tensor:
+        """Responsibilities per point, shape (N, K) (rows sum to 1)."""
+        return self.posterior(x).probs
 
     @property
     def is_point_mass(self) -> bool:
         return isinstance(self.globals, autoguide.AutoDelta)
 
 
-def has_global_latents(model: LatentModel) -> str | None:
-    if not model.global_sites:
-        return f"{type(model).__name__} has no global latent sites (its globals are point-estimated parameters)"
+def has_global_latents(traits: ModelTraits) -> str | None:
+    if not traits.global_sites:
+        return f"{traits.name} has no global latent sites (its globals are point-estimated parameters)"
     return None
 
 

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.nn import ACTIVATIONS
+
 
 @dataclass
 class GuideConfig:
@@ -11,9 +14,18 @@ class GuideConfig:
     hidden: tuple[int, ...] = (64,)
     #: hidden layer sizes of each flow transform's hypernetwork
     flow_hidden: tuple[int, ...] = (64,)
-    #: encoder nonlinearity, a name in ``models.vae.ACTIVATIONS``
+    #: encoder nonlinearity, a name in ``pyro_lvm.nn.ACTIVATIONS``
     activation: str = "relu"
     #: initial posterior standard deviation of the Gaussian heads
     init_scale: float = 0.1
     #: features of the conditioning context handed to flows (0: the encoder's last hidden layer)
     context_dim: int = 0
+
+    def __post_init__(self) -> None:
+        self.hidden, self.flow_hidden = tuple(self.hidden), tuple(self.flow_hidden)
+        for name in ("hidden", "flow_hidden"):
+            sizes = getattr(self, name)
+            if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
+                raise ConfigError(name, f"layer sizes must be integers >= 1, got {sizes}")
+        check_config(self, positive=("init_scale",), nonneg_int=("context_dim",))
+        check_choice(self, "activation", ACTIVATIONS)

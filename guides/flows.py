@@ -24,9 +24,9 @@ import pyro.distributions.transforms as T
 import torch
 from pyro.distributions import Distribution
 from pyro.distributions.torch_transform import TransformModule
-from pyro_lvm.models.base import LatentModel
 from torch import nn
 
+from pyro_lvm.models.base import LatentModel
 from pyro_lvm.registry import Registry
 
 from .amortized import DiagonalGaussianGuide

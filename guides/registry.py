@@ -1,4 +1,8 @@
-"""The guide registry: variational families selected by name, ``NAME`` or ``NAME:K``."""
+"""The guide registry: variational families selected by name, ``NAME`` or ``NAME:K``.
+
+A family declares what it needs of a model as a function of the model's :class:`ModelTraits`
+(known from the model's config alone), so every guide of a run is checked before data are loaded.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyro.nn import PyroModule
-from pyro_lvm.models.base import LatentModel
 
+from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
 
 from .config import GuideConfig
 
 GuideFactory = Callable[[LatentModel, GuideConfig, int | None], PyroModule]
-Requirement = Callable[[LatentModel], str | None]
+Requirement = Callable[[ModelTraits], str | None]
 
 
 @dataclass(frozen=True)
@@ -31,15 +35,15 @@ class GuideEntry:
 GUIDES: Registry[GuideEntry] = Registry("guide")
 
 
-def local_continuous_latent(model: LatentModel) -> str | None:
-    if model.local_site is None:
-        return f"{type(model).__name__} has no continuous per-point latent site"
+def local_continuous_latent(traits: ModelTraits) -> str | None:
+    if traits.local_site is None:
+        return f"{traits.name} has no continuous per-point latent site"
     return None
 
 
-def exact_posterior_available(model: LatentModel) -> str | None:
-    if not model.has_exact_posterior:
-        return f"{type(model).__name__} has no closed-form posterior"
+def exact_posterior_available(traits: ModelTraits) -> str | None:
+    if not traits.has_exact_posterior:
+        return f"{traits.name} has no closed-form posterior"
     return None
 
 
@@ -54,8 +58,9 @@ def register_guide(
     """Register a guide factory ``factory(model, config, arg) -> guide``."""
 
     def decorate(factory: GuideFactory) -> GuideFactory:
-        GUIDES.register(name)(GuideEntry(name, factory, requires, arg_name, default_arg,
-                                         summary or (factory.__doc__ or "").strip().split("\n")[0]))
+        entry = GuideEntry(name, factory, requires, arg_name, default_arg,
+                           summary or (factory.__doc__ or "").strip().split("\n")[0])
+        GUIDES.register(name, origin=(factory.__module__, factory.__qualname__))(entry)
         return factory
 
     return decorate
@@ -78,15 +83,30 @@ def parse_guide_spec(spec: str) -> tuple[GuideEntry, int | None]:
     return entry, arg
 
 
-def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None) -> PyroModule:
-    """Build the guide named by ``spec`` for ``model``; errors name the valid choices."""
+def usable_guides(traits: ModelTraits) -> list[str]:
+    return [n for n in GUIDES if GUIDES[n].requires(traits) is None]
+
+
+def check_guide(spec: str, traits: ModelTraits) -> tuple[GuideEntry, int | None]:
+    """Parse ``spec`` and check it fits a model with ``traits``; the error lists the usable guides."""
     entry, arg = parse_guide_spec(spec)
-    reason = entry.requires(model)
+    reason = entry.requires(traits)
     if reason is not None:
-        ok = [n for n in GUIDES if GUIDES[n].requires(model) is None]
-        raise ValueError(f"guide {entry.name!r} cannot be used here: {reason}; usable guides: {', '.join(ok)}")
-    guide = entry.factory(model, config or GuideConfig(), arg)
-    guide.spec = spec
+        raise ValueError(f"guide {entry.name!r} cannot be used here: {reason}; usable guides: "
+                         f"{', '.join(usable_guides(traits))}")
+    return entry, arg
+
+
+def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None) -> PyroModule:
+    """Build the guide named by ``spec`` for ``model``; errors name the valid choices.
+
+    The guide remembers ``spec`` and ``config`` (``guide.spec``, ``guide.guide_config``), which is what
+    :func:`pyro_lvm.save` stores to rebuild it.
+    """
+    entry, arg = check_guide(spec, model.traits)
+    config = config or GuideConfig()
+    guide = entry.factory(model, config, arg)
+    guide.spec, guide.guide_config = spec.strip(), config
     return guide
 
 

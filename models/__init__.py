@@ -1,24 +1,19 @@
 """Generative latent-variable models written as Pyro model functions.
 
-Each model is a :class:`~models.base.LatentModel` registered by name in :data:`MODELS`;
-importing this package registers every model family.
+Each model is a :class:`~pyro_lvm.models.base.LatentModel` registered by name in :data:`MODELS`;
+importing this package registers every model family and changes no global setting.
 """
-
-import pyro
 
 from pyro_lvm.registry import MODELS, Registry, UnknownNameError, register_model
 
 from . import factor_analysis, gaussian_mixture, vae  # noqa: F401  (registers)
-from .base import DATA_PLATE, LatentModel, check_matrix, data_plate
+from .base import DATA_PLATE, LatentModel, ModelTraits, check_matrix, data_plate
 from .factor_analysis import PPCA, FactorAnalysis, FactorAnalysisConfig
 from .gaussian_mixture import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from .vae import DECODERS, PRIORS, VAE, VAEConfig
 
-# guides compared side by side must never share parameters through the global param store
-pyro.settings.set(module_local_params=True)
-
 __all__ = [
-    "ASSIGNMENTS", "COVARIANCES", "GaussianMixture", "GaussianMixtureConfig",
+    "ASSIGNMENTS", "COVARIANCES", "GaussianMixture", "GaussianMixtureConfig", "ModelTraits",
     "DATA_PLATE", "MODELS", "PPCA", "FactorAnalysis", "FactorAnalysisConfig", "LatentModel", "Registry",
     "UnknownNameError", "check_matrix", "data_plate", "register_model", "DECODERS", "PRIORS", "VAE", "VAEConfig",
 ]

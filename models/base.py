@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pyro
@@ -10,11 +11,16 @@ from pyro.distributions import Distribution
 from pyro.nn import PyroModule
 
 from pyro_lvm.checks import check_matrix
+from pyro_lvm.runtime import local_params, module_device, module_dtype, seeded
 
 DATA_PLATE = "data"
 
+#: ELBO estimators (names in ``pyro_lvm.train.ELBOS``) that train a model whose only latents are
+#: reparameterized continuous sites; a model with discrete sites narrows the list (see :class:`ModelTraits`)
+CONTINUOUS_ELBOS: tuple[str, ...] = ("trace", "meanfield", "jit", "tracegraph", "traceenum")
 
-def data_plate(n: int, total_size: int | None = None) -> pyro.plate:
+
+def data_plate(n: int, total_size: int | None = None, device: torch.device | None = None) -> pyro.plate:
     """The plate over data points, at dim -1, shared by every model and guide.
 
     ``total_size`` is the size of the full data set when ``n`` points are a minibatch: Pyro then
@@ -24,50 +30,102 @@ def data_plate(n: int, total_size: int | None = None) -> pyro.plate:
     size = n if total_size is None else int(total_size)
     if size < n:
         raise ValueError(f"total_size={size} is smaller than the minibatch ({n} points)")
-    return pyro.plate(DATA_PLATE, size=size, subsample=torch.arange(n) if size != n else None, dim=-1)
+    subsample = torch.arange(n, device=device) if size != n else None
+    return pyro.plate(DATA_PLATE, size=size, subsample=subsample, dim=-1, device=device)
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What a model of a given config offers to guides, estimators and evaluators.
+
+    Known from the config alone (no data, no parameters), so an experiment can check every guide and
+    estimator against the model before it loads data or trains anything.
+    """
+
+    #: the registered model name
+    name: str
+    #: per-point continuous latent site the amortized guides target (``None``: no such site)
+    local_site: str | None
+    #: global latent sample sites (guided by autoguides)
+    global_sites: tuple[str, ...]
+    #: a per-point discrete site that a guide must propose (``None``: none, or summed out)
+    local_discrete_site: str | None
+    #: whether :meth:`LatentModel.exact_posterior` is implemented
+    has_exact_posterior: bool
+    #: estimator used when the caller names none
+    default_elbo: str
+    #: every estimator that optimises the right objective for this model, with the reason others are refused
+    elbos: tuple[str, ...]
+    elbo_note: str = ""
 
 
 class LatentModel(PyroModule):
-    """Base class of the suite's Pyro models.
+    r"""Base class of the suite's Pyro models.
 
     A model is a callable ``model(x, total_size=None)`` with its local latents inside
     :func:`data_plate`; guides are callables with the same signature and the same site names.
     Subclasses that have closed forms override :meth:`log_likelihood` (exact log p(x)) and
-    :meth:`exact_posterior` (p(z|x)).
+    :meth:`exact_posterior` (p(z|x)); every model implements :meth:`_sample` for :meth:`sample`.
+
+    Models are plain ``PyroModule``\ s: called inside Pyro's default (global parameter store) setting
+    they behave as any Pyro model; the library's entry points (``fit``, ``evaluate``, ``save``/``load``,
+    ``sample``) run them with ``module_local_params`` on, so models never share parameters.
     """
 
+    #: set by :func:`~pyro_lvm.registry.register_model`
+    name: ClassVar[str] = ""
+    #: the config dataclass that builds this model (first field: ``data_dim``)
+    Config: ClassVar[type]
     #: name of the per-point latent sample site the amortized guides target (``None``: no such site)
     local_site: ClassVar[str | None] = "z"
     #: names of global latent sample sites (guided by autoguides)
     global_sites: tuple[str, ...] = ()
     #: name of a per-point discrete site that a guide must propose (``None``: none, or summed out)
     local_discrete_site: str | None = None
-    #: name in ``experiments.evaluate.EVALUATORS`` of the held-out bounds that fit this model
+    #: name in ``pyro_lvm.evaluate.EVALUATORS`` of the held-out bounds that fit this model
     evaluator: ClassVar[str] = "importance"
     #: whether :meth:`exact_posterior` is implemented
     has_exact_posterior: ClassVar[bool] = False
-
-    #: name in ``experiments.train.ELBOS`` of the estimator this model trains with by default
+    #: name in ``pyro_lvm.train.ELBOS`` of the estimator this model trains with by default
     default_elbo: str = "trace"
 
     data_dim: int
     latent_dim: int
 
     @classmethod
+    def traits_for(cls, config: object) -> ModelTraits:
+        """The :class:`ModelTraits` of a model built from ``config`` (override where the config changes them)."""
+        return ModelTraits(cls.name, cls.local_site, tuple(cls.global_sites), cls.local_discrete_site,
+                           cls.has_exact_posterior, cls.default_elbo, CONTINUOUS_ELBOS)
+
+    @property
+    def traits(self) -> ModelTraits:
+        return type(self).traits_for(self.config)
+
+    @classmethod
     def example(cls, seed: int = 0) -> tuple[LatentModel, torch.Tensor]:
         """A tiny instance and data to match, used by the contract tests over every model x guide pair."""
         raise NotImplementedError(f"{cls.__name__} does not provide example()")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return module_dtype(self)
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
-        """Check data at the boundary: 2-D, right width, finite (subclasses add their own rules)."""
-        return check_matrix(x, name=name, width=self.data_dim)
+        """Check data at the boundary (2-D, right width, finite) and return it as a tensor of the model's
+        dtype on its device; subclasses add their own rules."""
+        return check_matrix(x, name=name, width=self.data_dim, dtype=self.dtype, device=self.device)
 
     def validate_training(self, x: object, name: str = "training data") -> torch.Tensor:
         """Check training data: :meth:`validate` plus any rule that only training needs."""
         return self.validate(x, name)
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation (default: none)."""
+    def init_from_data(self, x: object) -> None:
+        """Data-dependent initialisation (default: none). Overrides call :meth:`validate_training` first."""
 
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor | None:
         """Exact log p(x) per data point, or ``None`` where it is intractable."""
@@ -75,3 +133,17 @@ class LatentModel(PyroModule):
 
     def exact_posterior(self, x: torch.Tensor) -> Distribution:
         raise NotImplementedError(f"{type(self).__name__} has no closed-form posterior")
+
+    def sample(self, n: int, *, mean: bool = False, guide: object = None, seed: int | None = None) -> torch.Tensor:
+        """``n`` draws from the model, shape (n, data_dim): x ~ p(x), or with ``mean=True`` E[x | z] for z ~ p(z).
+
+        Models whose globals are latent (the mixture) take them from ``guide`` (its point estimate).
+        ``seed`` fixes the draws without touching the caller's RNG state.
+        """
+        if int(n) < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        with local_params(self, guide), seeded(seed), torch.no_grad():
+            return self._sample(int(n), mean=mean, guide=guide)
+
+    def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not implement sampling")

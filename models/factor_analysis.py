@@ -10,7 +10,9 @@ import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
+from pyro_lvm.config import check_config
 from pyro_lvm.registry import register_model
+from pyro_lvm.runtime import seeded
 
 from .base import LatentModel, data_plate
 
@@ -21,7 +23,13 @@ class FactorAnalysisConfig:
     latent_dim: int
     #: lower bound on each noise variance; keeps Heywood cases (Ψ_i -> 0) from diverging
     min_noise: float = 1e-6
+    #: standard deviation of the random initial W (drawn from torch's global RNG, so a seed fixes it)
     init_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("data_dim", "latent_dim"), positive=("min_noise", "init_scale"))
+        if self.latent_dim > self.data_dim:
+            raise ValueError(f"latent_dim: must be <= data_dim ({self.data_dim}), got {self.latent_dim}")
 
 
 @register_model("factor_analysis")
@@ -44,11 +52,8 @@ class FactorAnalysis(LatentModel):
         super().__init__()
         self.config = config
         self.data_dim, self.latent_dim = config.data_dim, config.latent_dim
-        if self.latent_dim < 1 or self.data_dim < 1:
-            raise ValueError(f"latent_dim and data_dim must be >= 1, got {self.latent_dim}, {self.data_dim}")
         D, k = self.data_dim, self.latent_dim
-        g = torch.Generator().manual_seed(0)
-        self.W = torch.nn.Parameter(config.init_scale * torch.randn(D, k, generator=g))
+        self.W = torch.nn.Parameter(config.init_scale * torch.randn(D, k))
         self.mu = torch.nn.Parameter(torch.zeros(D))
         self._init_noise(torch.ones(D))
 
@@ -57,7 +62,8 @@ class FactorAnalysis(LatentModel):
         g = torch.Generator().manual_seed(seed)
         W, mu = torch.randn(6, 2, generator=g), torch.randn(6, generator=g)
         x = mu + torch.randn(32, 2, generator=g) @ W.T + 0.5 * torch.randn(32, 6, generator=g)
-        model = cls(FactorAnalysisConfig(6, 2))
+        with seeded(seed):
+            model = cls(FactorAnalysisConfig(6, 2))
         model.init_from_data(x)
         return model, x
 
@@ -70,22 +76,32 @@ class FactorAnalysis(LatentModel):
         """Ψ as a vector of D variances."""
         return self.psi
 
-    def init_from_data(self, x: torch.Tensor) -> None:
+    def init_from_data(self, x: object) -> None:
+        """μ ← the data mean, Ψ ← half of each feature's variance (W keeps its random start)."""
+        x = self.validate_training(x)
         with torch.no_grad():
             self.mu.copy_(x.mean(0))
-            var = x.var(0) if len(x) > 1 else torch.ones(self.data_dim, dtype=x.dtype)
+            var = x.var(0) if len(x) > 1 else torch.ones_like(x[0])
             self._init_noise(var.to(self.W.dtype) / 2)
 
-    def set_parameters(self, W: torch.Tensor, mu: torch.Tensor, noise_variance: torch.Tensor) -> None:
-        """Set (W, μ, Ψ), e.g. to scikit-learn's EM solution."""
+    def set_parameters(self, W: object, mu: object, noise_variance: object) -> None:
+        """Set (W, μ, Ψ), e.g. to scikit-learn's EM solution (arrays or tensors of any float dtype)."""
+        like = {"dtype": self.W.dtype, "device": self.W.device}
+        W, mu = torch.as_tensor(W).to(**like), torch.as_tensor(mu).to(**like)
+        noise = torch.as_tensor(noise_variance).to(**like)
+        if W.shape != self.W.shape or mu.shape != self.mu.shape:
+            raise ValueError(f"set_parameters: expected W of shape {tuple(self.W.shape)} and mu of shape "
+                             f"{tuple(self.mu.shape)}, got {tuple(W.shape)} and {tuple(mu.shape)}")
+        if not (noise > 0).all():
+            raise ValueError("set_parameters: noise_variance must be > 0")
         with torch.no_grad():
-            self.W.copy_(torch.as_tensor(W, dtype=self.W.dtype))
-            self.mu.copy_(torch.as_tensor(mu, dtype=self.mu.dtype))
-            self._init_noise(torch.as_tensor(noise_variance, dtype=self.W.dtype).expand(self.data_dim))
+            self.W.copy_(W)
+            self.mu.copy_(mu)
+            self._init_noise(noise.expand(self.data_dim))
 
     def rotate(self, R: torch.Tensor) -> None:
         """W ← W R for an orthogonal R: p(x) is unchanged (W R Rᵀ Wᵀ = W Wᵀ), p(z|x) is rotated."""
-        R = torch.as_tensor(R, dtype=self.W.dtype)
+        R = torch.as_tensor(R).to(dtype=self.W.dtype, device=self.W.device)
         if R.shape != (self.latent_dim, self.latent_dim) or not torch.allclose(
                 R.T @ R, torch.eye(self.latent_dim, dtype=R.dtype), atol=1e-8):
             raise ValueError(f"rotate: expected an orthogonal {self.latent_dim}x{self.latent_dim} matrix")
@@ -94,11 +110,16 @@ class FactorAnalysis(LatentModel):
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
         W, mu, sd = self.W, self.mu, self.noise_variance.sqrt()
-        with data_plate(x.shape[0], total_size):
+        with data_plate(x.shape[0], total_size, x.device):
             z = pyro.sample("z", dist.Normal(torch.zeros_like(mu[: self.latent_dim]), 1.0)
                             .expand([self.latent_dim]).to_event(1))
             loc = mu + z @ W.T  # (..., N, D)
             pyro.sample("x", dist.Normal(loc, sd).to_event(1), obs=x)
+
+    def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
+        z = torch.randn(n, self.latent_dim, dtype=self.W.dtype, device=self.W.device)
+        loc = self.mu + z @ self.W.T
+        return loc if mean else loc + self.noise_variance.sqrt() * torch.randn_like(loc)
 
     def marginal(self) -> dist.LowRankMultivariateNormal:
         """p(x) = N(μ, W Wᵀ + Ψ)."""
@@ -110,7 +131,7 @@ class FactorAnalysis(LatentModel):
     def posterior_precision(self) -> torch.Tensor:
         """G⁻¹ = I + Wᵀ Ψ⁻¹ W, shared by every data point."""
         W = self.W
-        return torch.eye(self.latent_dim, dtype=W.dtype) + (W.T / self.noise_variance) @ W
+        return torch.eye(self.latent_dim, dtype=W.dtype, device=W.device) + (W.T / self.noise_variance) @ W
 
     def posterior_covariance(self) -> torch.Tensor:
         """G = (I + Wᵀ Ψ⁻¹ W)⁻¹."""
@@ -148,8 +169,9 @@ class PPCA(FactorAnalysis):
     def noise_variance(self) -> torch.Tensor:
         return self.sigma2.expand(self.data_dim)
 
-    def mle(self, x: torch.Tensor) -> None:
+    def mle(self, x: object) -> None:
         """Set the closed-form maximum-likelihood solution (Tipping & Bishop 1999)."""
+        x = self.validate_training(x)
         with torch.no_grad():
             mu = x.mean(0)
             cov = torch.cov((x - mu).T, correction=0)

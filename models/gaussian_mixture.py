@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -12,9 +12,10 @@ import torch
 from pyro.distributions import Distribution
 from pyro.ops.indexing import Vindex
 
+from pyro_lvm.config import check_choice, check_config
 from pyro_lvm.registry import Registry, register_model
 
-from .base import LatentModel, data_plate
+from .base import LatentModel, ModelTraits, data_plate
 
 COMPONENTS_PLATE = "components"
 Params = dict[str, torch.Tensor]
@@ -30,18 +31,27 @@ class AssignmentScheme:
     enumerated: bool
     #: a guide must propose c (an amortized q(c|x))
     guided: bool
-    #: name in ``experiments.train.ELBOS``
+    #: name in ``pyro_lvm.train.ELBOS`` of the default estimator
     elbo: str
     summary: str
+    #: every estimator that trains the right objective under this scheme
+    elbos: tuple[str, ...] = ()
+    #: why the others are refused
+    elbo_note: str = ""
 
 
 ASSIGNMENTS: Registry[AssignmentScheme] = Registry("assignment scheme")
 ASSIGNMENTS.register("collapsed")(AssignmentScheme(
-    False, False, False, "trace", "c summed out in the likelihood (MixtureSameFamily); Trace_ELBO"))
+    False, False, False, "trace", "c summed out in the likelihood (MixtureSameFamily); Trace_ELBO",
+    ("trace", "meanfield", "tracegraph", "traceenum"), "the mixture's globals have no JIT path"))
 ASSIGNMENTS.register("enumerated")(AssignmentScheme(
-    True, True, False, "traceenum", "c a sample site enumerated in parallel; TraceEnum_ELBO"))
+    True, True, False, "traceenum", "c a sample site enumerated in parallel; TraceEnum_ELBO",
+    ("traceenum",), "an enumerated site must be summed out by TraceEnum_ELBO: any other estimator samples c "
+    "from the prior with no gradient for it (a silently wrong objective)"))
 ASSIGNMENTS.register("amortized")(AssignmentScheme(
-    True, False, True, "tracegraph", "c proposed by a neural q(c|x); TraceGraph_ELBO (score function + baseline)"))
+    True, False, True, "tracegraph", "c proposed by a neural q(c|x); TraceGraph_ELBO (score function + baseline)",
+    ("tracegraph", "trace"), "the discrete q(c|x) needs a score-function estimator (TraceMeanField_ELBO and the "
+    "enumerating and JIT paths do not train a proposed discrete site)"))
 
 
 class DiagonalCovariance:
@@ -113,6 +123,12 @@ class GaussianMixtureConfig:
     #: η of the LKJ prior on correlations (1: uniform over correlation matrices)
     lkj_concentration: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("data_dim", "num_components"),
+                     positive=("concentration", "loc_prior_scale", "scale_prior_width", "lkj_concentration"))
+        check_choice(self, "covariance", COVARIANCES.names())
+        check_choice(self, "assignments", ASSIGNMENTS.names())
+
 
 @register_model("gaussian_mixture")
 class GaussianMixture(LatentModel):
@@ -142,23 +158,22 @@ class GaussianMixture(LatentModel):
     local_site = None
     evaluator = "mixture"
 
+    @classmethod
+    def traits_for(cls, config: GaussianMixtureConfig) -> ModelTraits:
+        scheme = ASSIGNMENTS[config.assignments]
+        return ModelTraits(cls.name, None, ("weights", "locs", *COVARIANCES[config.covariance].sites),
+                           "c" if scheme.guided else None, False, scheme.elbo, scheme.elbos, scheme.elbo_note)
+
     def __init__(self, config: GaussianMixtureConfig) -> None:
         super().__init__()
-        if config.num_components < 1:
-            raise ValueError(f"the number of components must be >= 1, got {config.num_components}")
-        if config.data_dim < 1:
-            raise ValueError(f"data_dim must be >= 1, got {config.data_dim}")
-        for name in ("concentration", "loc_prior_scale", "scale_prior_width", "lkj_concentration"):
-            if not getattr(config, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
         self.config = config
         self.scheme = ASSIGNMENTS[config.assignments]
         self.covariance = COVARIANCES[config.covariance]()
         self.data_dim, self.num_components = config.data_dim, config.num_components
         self.latent_dim = config.num_components  # c is one-of-K
-        self.global_sites = ("weights", "locs", *self.covariance.sites)
-        self.local_discrete_site = "c" if self.scheme.guided else None
-        self.default_elbo = self.scheme.elbo
+        traits = self.traits
+        self.global_sites, self.local_discrete_site = traits.global_sites, traits.local_discrete_site
+        self.default_elbo = traits.default_elbo
         self.register_buffer("data_loc", torch.zeros(config.data_dim))
         self.register_buffer("data_scale", torch.ones(config.data_dim))
         self.initial_values: Params | None = None
@@ -168,6 +183,7 @@ class GaussianMixture(LatentModel):
         g = torch.Generator().manual_seed(seed)
         x = torch.cat([torch.randn(10, 2, generator=g) - 3, torch.randn(10, 2, generator=g) + 3])
         model = cls(GaussianMixtureConfig(data_dim=2, num_components=2, assignments="amortized"))
+        x = x.to(torch.get_default_dtype())
         model.init_from_data(x, seed=seed)
         return model, x
 
@@ -180,13 +196,26 @@ class GaussianMixture(LatentModel):
                              "use fewer components or more data")
         return x
 
-    def init_from_data(self, x: torch.Tensor, seed: int = 0) -> None:
-        """Centre the priors on the data and seed the components by k-means++ (see :meth:`initial_values`)."""
+    def init_from_data(self, x: object, seed: int | None = None) -> None:
+        """Centre the priors on the data and seed the components by k-means++ (``initial_values``).
+
+        ``seed`` fixes the k-means++ draws; ``None`` draws them from torch's global RNG.
+        """
         x = self.validate_training(x)
         with torch.no_grad():
             self.data_loc.copy_(x.mean(0))
             self.data_scale.copy_(_data_std(x))
-        self.initial_values = kmeans_init(x, self.num_components, self.covariance, seed)
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+        values = kmeans_init(x.detach().cpu(), self.num_components, self.covariance, seed)
+        self.initial_values = {k: v.to(x.device) for k, v in values.items()}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The k-means++ start travels with the state dict (saved fits can still be re-started from it)."""
+        return {"initial_values": self.initial_values}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.initial_values = state.get("initial_values")
 
     # ------------------------------------------------------------------ the Pyro model
 
@@ -204,7 +233,7 @@ class GaussianMixture(LatentModel):
         # globals may carry leading particle dims: (..., K) for weights, (..., K, D) for locs
         lead = p["locs"].shape[:-2]
         prior_c = dist.Categorical(probs=p["weights"].reshape(lead + (1, self.num_components)))
-        with data_plate(x.shape[0], total_size):
+        with data_plate(x.shape[0], total_size, x.device):
             if not self.scheme.sampled:
                 comp = self.covariance.component(_lift(p["locs"], 1), {k: _lift(p[k], e) for k, e in
                                                                        self.covariance.event_dims.items()})
@@ -229,6 +258,20 @@ class GaussianMixture(LatentModel):
     def responsibilities(self, x: torch.Tensor, p: Params) -> torch.Tensor:
         """p(c_n = k | x_n, θ), shape (N, K); each row sums to 1."""
         return torch.softmax(self.log_joint(x, p), -1)
+
+    def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
+        if guide is not None:
+            theta = guide.point_estimate(self.data_loc.unsqueeze(0))  # type: ignore[attr-defined]
+        elif self.initial_values is not None:
+            theta = self.initial_values
+        else:
+            raise ValueError("guide: a Gaussian mixture's globals are latent; pass the fitted guide, "
+                             "model.sample(n, guide=guide)")
+        c = torch.distributions.Categorical(probs=theta["weights"]).sample((n,))  # (n,) component of each draw
+        locs = theta["locs"][c]  # (n, D): E[x | c]
+        if mean:
+            return locs
+        return self.covariance.component(locs, {k: theta[k][c] for k in self.covariance.sites}).sample()
 
     def component_covariances(self, p: Params) -> torch.Tensor:
         return self.covariance.covariance(p)

@@ -10,13 +10,15 @@ import torch
 from pyro.distributions import Distribution
 from torch import nn
 
+from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES, decoder_network
 from pyro_lvm.registry import Registry, register_model
+from pyro_lvm.runtime import seeded
 
-from .base import LatentModel, check_matrix, data_plate
+from .base import LatentModel, data_plate
 
 PRIORS: Registry[type[nn.Module]] = Registry("prior")
 DECODERS: Registry[type[nn.Module]] = Registry("decoder")
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "softplus": nn.Softplus}
 
 
 @dataclass
@@ -36,51 +38,24 @@ class VAEConfig:
     #: components of a learned mixture-of-Gaussians prior
     prior_components: int = 10
 
-
-class MLP(nn.Module):
-    """z -> hidden layers -> output; accepts any leading batch dims."""
-
-    def __init__(self, sizes: list[int], activation: str = "relu") -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(ACTIVATIONS[activation]())
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("data_dim", "latent_dim", "prior_components"))
+        self.hidden = tuple(self.hidden)
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError("hidden", f"layer sizes must be integers >= 1, got {self.hidden}")
+        check_choice(self, "decoder", DECODERS.names())
+        check_choice(self, "architecture", ARCHITECTURES.names())
+        check_choice(self, "activation", ACTIVATIONS)
+        check_choice(self, "gaussian_scale", ("pixel", "shared"))
+        check_choice(self, "prior", PRIORS.names())
+        widths = ARCHITECTURES[self.architecture][1]
+        if widths is not None and self.data_dim not in widths:
+            raise ConfigError("architecture", f"{self.architecture!r} makes outputs of width {widths}, but "
+                              f"data_dim is {self.data_dim}; use 'mlp'")
 
 
-class ConvNet28(nn.Module):
-    """A small transposed-convolution network z -> 28x28 image (flattened to 784)."""
-
-    def __init__(self, latent_dim: int, activation: str = "relu") -> None:
-        super().__init__()
-        act = ACTIVATIONS[activation]
-        self.fc = nn.Sequential(nn.Linear(latent_dim, 64 * 7 * 7), act())
-        self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), act(),  # (32, 14, 14)
-            nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # (1, 28, 28)
-        )
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        lead = z.shape[:-1]
-        h = self.fc(z.reshape(-1, z.shape[-1])).reshape(-1, 64, 7, 7)
-        return self.deconv(h).reshape(*lead, 784)
-
-
-def decoder_network(config: VAEConfig, out_dim: int) -> nn.Module:
-    if config.architecture == "conv":
-        if out_dim != 784:
-            raise ValueError(f"the conv decoder makes 28x28 images (784 values), but the data has {out_dim}")
-        return ConvNet28(config.latent_dim, config.activation)
-    if config.architecture != "mlp":
-        raise ValueError(f"unknown architecture {config.architecture!r}; valid: mlp, conv")
-    return MLP([config.latent_dim, *config.hidden, out_dim], config.activation)
+def _network(config: VAEConfig) -> nn.Module:
+    return decoder_network(config.architecture, config.latent_dim, config.hidden, config.data_dim, config.activation)
 
 
 @DECODERS.register("bernoulli")
@@ -89,7 +64,7 @@ class BernoulliDecoder(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        self.net = decoder_network(config, config.data_dim)
+        self.net = _network(config)
 
     def forward(self, z: torch.Tensor) -> Distribution:
         # data are checked to be 0/1 once at the boundary (validate), not at every step
@@ -112,9 +87,7 @@ class GaussianDecoder(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        if config.gaussian_scale not in ("pixel", "shared"):
-            raise ValueError(f"gaussian_scale must be 'pixel' or 'shared', got {config.gaussian_scale!r}")
-        self.net = decoder_network(config, config.data_dim)
+        self.net = _network(config)
         self.log_scale = nn.Parameter(torch.zeros(config.data_dim if config.gaussian_scale == "pixel" else 1))
 
     def forward(self, z: torch.Tensor) -> Distribution:
@@ -148,9 +121,8 @@ class MixturePrior(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         c, k = config.prior_components, config.latent_dim
-        g = torch.Generator().manual_seed(0)
         self.logits = nn.Parameter(torch.zeros(c))
-        self.locs = nn.Parameter(torch.randn(c, k, generator=g))
+        self.locs = nn.Parameter(torch.randn(c, k))  # torch's global RNG: a seed fixes it
         self.log_scales = nn.Parameter(torch.zeros(c, k))
 
     def forward(self) -> Distribution:
@@ -174,32 +146,30 @@ class VAE(LatentModel):
         super().__init__()
         self.config = config
         self.data_dim, self.latent_dim = config.data_dim, config.latent_dim
-        if config.latent_dim < 1 or config.data_dim < 1:
-            raise ValueError(f"latent_dim and data_dim must be >= 1, got {config.latent_dim}, {config.data_dim}")
         self.decoder = DECODERS[config.decoder](config)
         self.prior = PRIORS[config.prior](config)
 
     @classmethod
     def example(cls, seed: int = 0) -> tuple[VAE, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        x = (torch.rand(16, 12, generator=g) < 0.3).float()
-        return cls(VAEConfig(data_dim=12, latent_dim=3, hidden=(8,))), x
+        x = (torch.rand(16, 12, generator=g) < 0.3).to(torch.get_default_dtype())
+        with seeded(seed):
+            return cls(VAEConfig(data_dim=12, latent_dim=3, hidden=(8,))), x
 
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
-        x = check_matrix(x, name=name, width=self.data_dim)
+        x = super().validate(x, name)
         self.decoder.validate(x, name)
         return x
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
         prior = self.prior()
-        with data_plate(x.shape[0], total_size):
+        with data_plate(x.shape[0], total_size, x.device):
             z = pyro.sample("z", prior)  # (..., N, k)
             pyro.sample("x", self.decoder(z), obs=x)
 
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """Means of p(x|z) for n draws z ~ p(z), shape (n, data_dim)."""
-        return self.decoder.mean(self.prior().sample((n,)))
+    def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
+        z = self.prior().sample((n,))
+        return self.decoder.mean(z) if mean else self.decoder(z).sample()
 
     @property
     def num_decoder_params(self) -> int:

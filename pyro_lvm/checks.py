@@ -1,34 +1,149 @@
-"""Input checks at the boundary: one clear ``ValueError`` that says what is wrong and where."""
+"""Input checks at the boundary: one clear ``ValueError`` that says what is wrong and where.
+
+:func:`check_matrix` is the single gate every data matrix passes (the loaders, ``from_array``/``load_file``
+and the models' ``forward``): whatever came in (a NumPy array of any numeric dtype, a tensor, a pandas
+DataFrame, nested lists) comes out as a 2-D floating tensor, or the caller gets one line saying what is
+wrong, where (row, column, column name) and how to fix it.
+
+pandas is optional: it is never imported here; a DataFrame is recognised only if pandas is already loaded.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
+import numpy as np
 import torch
 
+#: NumPy dtypes that :func:`torch.as_tensor` reads as they are (others are cast first)
+_TORCH_READABLE = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                         np.int64, np.uint8, np.bool_)}
 
-def check_matrix(x: object, *, name: str = "data", width: int | None = None) -> torch.Tensor:
-    """Return ``x`` as a 2-D floating tensor or raise a ``ValueError`` that says what is wrong."""
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except Exception as e:  # noqa: BLE001 - anything torch cannot read is bad input
-            raise ValueError(f"{name}: cannot be read as a numeric array ({e})") from None
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D array (points x features), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: is empty (0 points)")
-    if width is not None and x.shape[1] != width:
-        raise ValueError(f"{name}: expected {width} features per point, got {x.shape[1]}")
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = bad.any(-1).nonzero().flatten()
-        kinds = "NaN" if torch.isnan(x).any() else "inf"
+
+def one_line(error: BaseException | str) -> str:
+    """An exception's message collapsed to one line (parsers like to spread theirs over several)."""
+    return " ".join(str(error).split())
+
+
+def is_dataframe(x: object) -> bool:
+    """Whether ``x`` is a pandas DataFrame, without importing pandas (if it is not loaded, ``x`` is not one)."""
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(x, pd.DataFrame)
+
+
+def _dataframe_to_numpy(df: Any, name: str) -> np.ndarray:
+    """A numeric DataFrame as one (rows, columns) array; a non-numeric column is named in the error."""
+    import pandas as pd  # already loaded: ``df`` is a DataFrame
+
+    if len(df) == 0:  # a header without rows reads as text columns: report the missing rows instead
+        return np.empty(df.shape)
+    for position, (label, column) in enumerate(df.items()):
+        if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_complex_dtype(column.dtype):
+            continue
+        numbers = pd.to_numeric(column, errors="coerce")
+        bad = np.flatnonzero((numbers.isna() & column.notna()).to_numpy())
+        where = f", column {position}" if str(label) != str(position) else ""
+        first = f"; first non-number {column.iloc[bad[0]]!r} at row {bad[0]}" if len(bad) else ""
         raise ValueError(
-            f"{name}: contains {kinds} values in {len(rows)} of {x.shape[0]} rows "
-            f"(first bad row: {int(rows[0])}); clean or impute the data first"
+            f"{name}: column {label!r} is not numeric (dtype {column.dtype}{where}{first}); "
+            "select numeric columns (columns=[...]) or encode it as numbers first"
         )
-    return x
+    try:  # the dtype all columns fit in; pandas' extension dtypes (nullable Int64, ...) have no NumPy one
+        common = np.result_type(*(np.dtype(d) for d in df.dtypes)) if df.shape[1] else np.dtype(np.float64)
+    except TypeError:
+        common = np.dtype(np.float64)
+    if common.kind != "f" and bool(df.isna().to_numpy().any()):
+        common = np.dtype(np.float64)  # missing values in integer/bool columns: NaN, reported below
+    return df.to_numpy(dtype=common, na_value=np.nan) if common.kind == "f" else df.to_numpy(dtype=common)
 
 
-__all__ = ["check_matrix"]
+def _as_tensor(x: object, name: str) -> tuple[torch.Tensor, bool]:
+    """``x`` as a real tensor of its own dtype where torch has it; also whether ``x`` carried a floating
+    dtype of its own (lists and integer arrays do not, so they get torch's default dtype)."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ValueError(f"{name}: complex values (dtype {x.dtype}) are not supported; pass real numbers")
+        return x, x.is_floating_point()
+    if is_dataframe(x):
+        a, has_dtype = _dataframe_to_numpy(x, name), True
+    else:
+        has_dtype = isinstance(x, np.ndarray)
+        try:
+            a = np.asarray(x)
+        except Exception as e:  # noqa: BLE001 - anything NumPy cannot read (ragged lists, ...) is bad input
+            raise ValueError(f"{name}: cannot be read as a numeric matrix ({one_line(e)})") from None
+    if a.dtype.kind == "c":
+        raise ValueError(f"{name}: complex values (dtype {a.dtype}) are not supported; pass real numbers")
+    if a.dtype.kind in "USVMm":
+        raise ValueError(f"{name}: values of dtype {a.dtype} are not numbers; convert them to numbers first")
+    if a.dtype.kind == "O":  # e.g. lists holding None: NaN where a value is missing, else an error
+        try:
+            a = a.astype(np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: cannot be read as numbers ({one_line(e)})") from None
+    floating = has_dtype and a.dtype.kind == "f"
+    if a.dtype not in _TORCH_READABLE:  # float128, uint16/32/64
+        a = a.astype(np.float64)
+    elif not a.flags.writeable:  # e.g. a DataFrame's read-only view: torch would share it unprotected
+        a = a.copy()
+    return torch.as_tensor(a), floating
+
+
+def _first_bad(x: torch.Tensor) -> tuple[int, int, int, str]:
+    """(first bad row, first bad column in it, number of bad rows, "NaN"/"inf"/"-inf") of non-finite ``x``."""
+    bad = ~torch.isfinite(x)  # (N, D)
+    rows = bad.any(-1).nonzero().flatten()
+    row = int(rows[0])
+    col = int(bad[row].nonzero()[0, 0])
+    value = float(x[row, col])
+    return row, col, len(rows), "NaN" if value != value else f"{value}"
+
+
+def check_matrix(
+    x: object,
+    *,
+    name: str = "data",
+    width: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Return ``x`` as a 2-D (points x features) floating tensor, or raise a one-line ``ValueError``.
+
+    ``x`` may be a tensor, a NumPy array of any real dtype (float16/32/64, ints, bool), a pandas DataFrame of
+    numeric columns, or nested lists. The result has ``dtype`` (default: ``x``'s own floating dtype, else
+    torch's default dtype) and lives on ``device`` (default: where ``x`` is). ``name`` starts every message;
+    ``width`` is the number of features each point must have.
+    """
+    columns = list(x.columns) if is_dataframe(x) else None
+    t, floating = _as_tensor(x, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D array (points x features), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: is empty (0 rows, shape {tuple(t.shape)})")
+    if width is not None and t.shape[1] != width:
+        raise ValueError(f"{name}: expected {width} features per point, got {t.shape[1]} (shape {tuple(t.shape)})")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name}: has no features (0 columns, shape {tuple(t.shape)})")
+    target = dtype or (t.dtype if floating else torch.get_default_dtype())
+    if not target.is_floating_point:
+        raise ValueError(f"{name}: dtype must be a floating dtype, got {target}")
+
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        row, col, n_rows, value = _first_bad(t)
+        label = f" ({columns[col]!r})" if columns is not None else ""
+        raise ValueError(
+            f"{name}: {value} at row {row}, column {col}{label} (counting from 0); {n_rows} of {t.shape[0]} rows "
+            "hold NaN or inf; drop or impute those rows first (e.g. DataFrame.dropna())"
+        )
+    out = t.to(device=device, dtype=target) if device is not None else t.to(dtype=target)
+    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):  # finite before the cast: it overflowed
+        row, col, n_rows, _ = _first_bad(out)
+        raise ValueError(
+            f"{name}: {float(t[row, col])} at row {row}, column {col} (counting from 0) overflows {target} "
+            f"({n_rows} rows affected); rescale the data or ask for a wider dtype"
+        )
+    return out
+
+
+__all__ = ["check_matrix", "is_dataframe", "one_line"]

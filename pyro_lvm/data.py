@@ -1,26 +1,31 @@
-"""Data sets: scikit-learn's bundled sets, static binarized MNIST, and synthetic data with known truth.
+"""Data sets: scikit-learn's bundled sets, static binarized MNIST, synthetic data with known truth, and the
+user's own data (:func:`from_array` for arrays/tensors/DataFrames, :func:`load_file` for .csv/.npy/.npz/.parquet).
 
-Every loader returns a :class:`Dataset` of train/valid/test tensors, validated at the boundary.
+Every loader returns a :class:`Dataset` of train/valid/test tensors, validated at the boundary, with a
+:meth:`Dataset.provenance` record (source, file hash, shape, splits, preprocessing) for ``results.json``.
 Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pyro_lvm.checks import check_matrix
-from pyro_lvm.registry import Registry
+from pyro_lvm.checks import check_matrix, is_dataframe, one_line
+from pyro_lvm.registry import Registry, UnknownNameError
 
 #: environment variable naming the directory that holds binarized MNIST
 DATA_DIR_ENV = "PYRO_LVM_DATA_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -42,6 +47,57 @@ class DataConfig:
     separation: float = 6.0
     #: digits_pca: principal components kept
     pca_dim: int = 10
+    #: the user's data (:func:`load_file`): standardize by train statistics unless every value is 0/1;
+    #: ``False`` keeps the values as they are
+    standardize: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sets and their provenance
+
+
+def sha256_files(paths: Sequence[Path]) -> str:
+    """sha256 of one file, or of several files' bytes read one after another (MNIST's three .amat files)."""
+    if len(paths) == 1:
+        with open(paths[0], "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def sha256_arrays(arrays: Iterable[np.ndarray]) -> str:
+    """sha256 of the C-order float64 bytes of ``arrays`` in turn: the same numbers hash the same whatever
+    dtype they came in (a float32 array and its float64 copy agree)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float64))
+    return h.hexdigest()
+
+
+@dataclass
+class Origin:
+    """Where a :class:`Dataset` came from and what was done to it; read through :meth:`Dataset.provenance`."""
+
+    #: registered name, ``from_array``'s ``name``, or the file's absolute path
+    source: str
+    #: (rows, columns) of the numeric data before splitting and dropping: all splits together, after ``columns``
+    shape: tuple[int, int]
+    standardized: bool
+    #: indices (into the ``shape[1]`` columns) dropped as constant in the train split
+    dropped_constant_columns: list[int] = field(default_factory=list)
+    #: train/valid/test fractions of a seeded split; ``None`` where the splits were given
+    split_fractions: tuple[float, float, float] | None = None
+    seed: int | None = None
+    #: the ``columns`` selection asked for, if any
+    columns: list[str | int] | None = None
+    #: the file or directory read (``None`` for in-memory data)
+    path: str | None = None
+    #: the files behind ``path``, hashed on the first :meth:`Dataset.provenance` call (MNIST is 60 MB)
+    files: tuple[Path, ...] = ()
+    #: sha256 of ``files``, or of the float64 bytes of in-memory data (see :func:`sha256_arrays`)
+    sha256: str | None = None
 
 
 @dataclass
@@ -54,8 +110,10 @@ class Dataset:
     #: True when every value is 0 or 1 (a Bernoulli decoder may be used)
     binary: bool = False
     image_shape: tuple[int, int] | None = None
-    #: loader-specific facts: true parameters of synthetic data, dropped columns, file path, ...
+    #: loader-specific facts: true parameters of synthetic data, dropped columns, feature names, file path, ...
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where the data came from; see :meth:`provenance`
+    origin: Origin | None = field(default=None, repr=False)
 
     @property
     def data_dim(self) -> int:
@@ -72,19 +130,109 @@ class Dataset:
             out["valid"] = self.valid
         return out
 
+    def provenance(self) -> dict[str, Any]:
+        """What ``results.json`` records about the data: source, sha256, raw shape, split sizes, preprocessing.
+
+        A file's hash is computed on the first call and kept. Fields a hand-made ``Dataset`` (no
+        :attr:`origin`) cannot know are ``None``.
+        """
+        sizes = self.sizes()
+        o = self.origin
+        if o is not None and o.sha256 is None and o.files:
+            o.sha256 = sha256_files(o.files)
+        return {
+            "source": self.name if o is None else o.source,
+            "path": None if o is None else o.path,
+            "sha256": None if o is None else o.sha256,
+            "shape": None if o is None else list(o.shape),
+            "columns": None if o is None else o.columns,
+            "splits": {k: sizes[k] for k in SPLITS},
+            "standardized": None if o is None else o.standardized,
+            "dropped_constant_columns": None if o is None else list(o.dropped_constant_columns),
+            "split_fractions": None if o is None or o.split_fractions is None else list(o.split_fractions),
+            "seed": None if o is None else o.seed,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of named data sets
 
 Loader = Callable[[DataConfig], Dataset]
-DATASETS: Registry[Loader] = Registry("dataset")
-register_dataset = DATASETS.register
+#: every data set carries exactly one of these tags
+KIND_TAGS = frozenset({"continuous", "binary"})
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered data set: its loader, tags for :func:`dataset_names`, and a one-line summary."""
+
+    loader: Loader
+    tags: frozenset[str]
+    summary: str
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+
+def _canonical(name: str) -> str:
+    """Registered names use underscores; ``digits-pca`` finds ``digits_pca``."""
+    return name.strip().replace("-", "_")
+
+
+def register_dataset(name: str, *, tags: Iterable[str], summary: str | None = None) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader under ``name`` with ``tags`` (exactly one of ``continuous``/``binary``,
+    plus e.g. ``images``, ``clusters``, ``ground-truth``); ``summary`` defaults to the docstring's first line."""
+    tag_set = frozenset(tags)
+    if name != _canonical(name):
+        raise ValueError(f"dataset name {name!r}: use underscores, not hyphens or spaces (hyphens find it anyway)")
+    if len(tag_set & KIND_TAGS) != 1:
+        raise ValueError(f"dataset {name!r}: tags must hold exactly one of {sorted(KIND_TAGS)}, got {sorted(tag_set)}")
+
+    def decorate(loader: Loader) -> Loader:
+        text = summary if summary is not None else (loader.__doc__ or "").strip().split("\n")[0]
+        DATASETS.register(name)(DatasetEntry(loader, tag_set, text))
+        return loader
+
+    return decorate
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registry entry of ``name`` (hyphens or underscores); unknown names list the valid ones."""
+    try:
+        return DATASETS[_canonical(name)]
+    except UnknownNameError:
+        raise UnknownNameError(
+            f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS.names())}"
+        ) from None
+
+
+def dataset_names(tags: Iterable[str] | str | None = None) -> list[str]:
+    """Registered names (sorted) whose tags include all of ``tags``; an unknown tag is an error, not ``[]``."""
+    wanted = frozenset([tags] if isinstance(tags, str) else tags or ())
+    entries = {n: DATASETS[n] for n in DATASETS.names()}
+    known = frozenset().union(*(e.tags for e in entries.values()))
+    if wanted - known:
+        raise ValueError(f"unknown dataset tags {sorted(wanted - known)}; known tags: {', '.join(sorted(known))}")
+    return [n for n, e in entries.items() if wanted <= e.tags]
 
 
 def load_dataset(name: str, config: DataConfig | None = None) -> Dataset:
-    """Load a registered data set by name (unknown names list the valid ones)."""
+    """Load a registered data set by name (hyphens or underscores; unknown names list the valid ones)."""
     config = config or DataConfig()
-    ds = DATASETS[name](config)
+    ds = dataset_entry(name).loader(config)
     for split, x in ds.splits().items():
-        check_matrix(x, name=f"{name} {split} split", width=ds.data_dim)
+        check_matrix(x, name=f"{ds.name} {split} split", width=ds.data_dim)
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and standardizing: shared by the built-in sets and the user's own data
+
+
+def _split_sizes(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    n_train = int(round(fractions[0] * n))
+    n_valid = int(round(fractions[1] * n))
+    return n_train, n_valid, n - n_train - n_valid
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> list[np.ndarray]:
@@ -92,50 +240,423 @@ def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> l
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     perm = np.random.default_rng(seed).permutation(n)
-    n_train = int(round(fractions[0] * n))
-    n_valid = int(round(fractions[1] * n))
+    n_train, n_valid, _ = _split_sizes(n, fractions)
     return [perm[:n_train], perm[n_train:n_train + n_valid], perm[n_train + n_valid:]]
 
 
+def _split_rows(n: int, fractions: tuple[float, float, float], seed: int, where: str) -> list[np.ndarray]:
+    """:func:`split_indices`, refusing a split that leaves train under 2 rows or an asked-for split empty."""
+    parts = split_indices(n, fractions, seed)
+
+    def enough(sizes: Sequence[int]) -> bool:
+        return sizes[0] >= 2 and sizes[2] >= 1 and (sizes[1] >= 1 or fractions[1] == 0)
+
+    if not enough([len(p) for p in parts]):
+        least = next((m for m in range(n + 1, 10**6) if enough(_split_sizes(m, fractions))), None)
+        wanted = "train, valid and test" if fractions[1] > 0 else "train and test"
+        fix = f"give at least {least} rows, " if least else ""
+        raise ValueError(
+            f"{where}: {n} rows cannot be split {'/'.join(f'{f:g}' for f in fractions)} into non-empty {wanted} sets "
+            f"(that gives {'/'.join(str(len(p)) for p in parts)} rows, and train needs 2); "
+            f"{fix}other split fractions, or explicit valid/test splits"
+        )
+    return parts
+
+
+def _preview(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _column_positions(columns: Sequence[str | int], names: Sequence[str] | None, width: int, where: str) -> list[int]:
+    """Positions of ``columns`` (names or 0-based indices) among ``width`` columns called ``names``."""
+    pos: list[int] = []
+    for c in columns:
+        if isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)):
+            if not 0 <= c < width:
+                raise ValueError(f"{where}: column index {c} is out of range (the data have {width} columns, "
+                                 f"0 to {width - 1})")
+            pos.append(int(c))
+        elif isinstance(c, str):
+            if names is None:
+                raise ValueError(f"{where}: column {c!r} asked for by name, but the data have no column names; "
+                                 f"select by index (0 to {width - 1})")
+            if c not in names:
+                raise ValueError(f"{where}: no column named {c!r}; columns: {_preview(names)}")
+            pos.append(list(names).index(c))
+        else:
+            raise ValueError(f"{where}: columns must be names or 0-based indices, got {c!r}")
+    if not pos:
+        raise ValueError(f"{where}: columns=[] selects no columns")
+    repeated = sorted({p for p in pos if pos.count(p) > 1})
+    if repeated:
+        raise ValueError(f"{where}: column {repeated[0]} is selected twice (columns={list(columns)})")
+    return pos
+
+
+def _select_columns(
+    x: Any, columns: Sequence[str | int] | None, names: Sequence[str] | None, where: str
+) -> tuple[Any, list[str] | None]:
+    """(``x`` restricted to ``columns``, the kept columns' names): DataFrames by their column names, arrays by
+    ``names`` (``from_array``'s ``feature_names``); integers are positions in either."""
+    if is_dataframe(x):
+        if names is not None:
+            raise ValueError(f"{where}: feature_names is for arrays and tensors; a DataFrame's columns are used")
+        labels = [str(c) for c in x.columns]
+        if columns is None:
+            return x, labels
+        pos = _column_positions(columns, labels, len(labels), where)
+        return x.iloc[:, pos], [labels[i] for i in pos]
+    if columns is None:
+        return x, None if names is None else list(names)
+    try:
+        a = x if isinstance(x, torch.Tensor) else np.asarray(x)
+    except Exception:  # noqa: BLE001 - unreadable: check_matrix says why
+        return x, None
+    if a.ndim != 2:
+        return x, None  # check_matrix reports the shape
+    if names is not None and len(names) != a.shape[1]:
+        raise ValueError(f"{where}: {len(names)} feature_names for {a.shape[1]} columns")
+    pos = _column_positions(columns, names, a.shape[1], where)
+    return a[:, pos], None if names is None else [names[i] for i in pos]
+
+
+def _float64(x: Any, where: str, width: int | None = None) -> np.ndarray:
+    """``x`` checked by :func:`check_matrix` as a C-contiguous float64 (N, D) array on the CPU."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+    return np.ascontiguousarray(check_matrix(x, name=where, width=width, dtype=torch.float64, device="cpu").numpy())
+
+
+def _is_binary(a: np.ndarray) -> bool:
+    return bool(((a == 0) | (a == 1)).all())
+
+
+def _dataset(
+    name: str,
+    x: Any,
+    valid: Any = None,
+    test: Any = None,
+    *,
+    where: str,
+    split: tuple[float, float, float],
+    seed: int,
+    standardize: bool | None,
+    dtype: torch.dtype,
+    subset: int | None = None,
+    columns: Sequence[str | int] | None = None,
+    feature_names: Sequence[str] | None = None,
+    labels: Any = None,
+    source: str | None = None,
+    path: Path | None = None,
+    files: tuple[Path, ...] = (),
+    meta: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """The one path from raw data to a :class:`Dataset` (see :func:`from_array` for the arguments).
+
+    ``standardize=None`` standardizes unless every value is 0/1. Statistics come from the full train split;
+    a subset (``subset`` points per split) is taken after: the first ``subset`` of a seeded split's
+    (already shuffled) rows, as the built-in loaders always did, or a seeded random choice of given splits.
+    """
+    if isinstance(columns, (str, int)):
+        columns = [columns]
+    given = test is not None
+    if valid is not None and not given:
+        raise ValueError(f"{where}: valid= was given without test=; give test= too, or neither to split by fractions")
+    where_of = {k: f"{where} [{k}]" if given else where for k in SPLITS}
+
+    # raw float64 matrices, all (N_k, D)
+    x, names = _select_columns(x, columns, feature_names, where_of["train"])
+    first = _float64(x, where_of["train"])
+    width = first.shape[1]
+    if names is not None and len(names) != width:
+        raise ValueError(f"{where}: {len(names)} feature_names for {width} columns")
+    if given:
+        raw = {"train": first, "valid": None, "test": None}
+        for k, v in (("valid", valid), ("test", test)):
+            if v is not None:
+                raw[k] = _float64(_select_columns(v, columns, feature_names, where_of[k])[0], where_of[k], width)
+        if labels is not None and not isinstance(labels, Mapping):
+            raise ValueError(f"{where}: with given splits, labels must map split names to arrays")
+        label_parts = {k: np.asarray(v) for k, v in (labels or {}).items()}
+        fractions = None
+        order = [a for a in raw.values() if a is not None]
+    else:
+        parts = _split_rows(len(first), split, seed, where)
+        raw = dict(zip(SPLITS, (first[p] for p in parts), strict=True))
+        label_parts = {}
+        if labels is not None:
+            y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+            if len(y) != len(first):
+                raise ValueError(f"{where}: {len(y)} labels for {len(first)} rows")
+            label_parts = dict(zip(SPLITS, (y[p] for p in parts), strict=True))
+        fractions = tuple(split)
+        order = [first]
+    for k, y in label_parts.items():
+        if k not in raw or raw[k] is None or len(y) != len(raw[k]):
+            raise ValueError(f"{where}: labels[{k!r}] do not match the {k} split")
+
+    binary_values = all(_is_binary(a) for a in raw.values() if a is not None)
+    standardize = not binary_values if standardize is None else standardize
+    train = raw["train"]
+    if standardize:
+        mean, std = train.mean(0), train.std(0)  # (D,)
+        keep = std > 1e-8
+        if not keep.any():
+            raise ValueError(f"{where}: every column is constant in the train split; nothing is left to model")
+    else:
+        mean, std, keep = np.zeros(width), np.ones(width), np.ones(width, dtype=bool)
+
+    rng = np.random.default_rng(seed)
+    rows: dict[str, np.ndarray] = {}  # per split, the rows kept by ``subset``
+    for k, a in raw.items():
+        if a is None:
+            continue
+        if not subset:
+            rows[k] = np.arange(len(a))
+        else:
+            rows[k] = np.arange(len(a))[:subset] if not given else np.sort(rng.permutation(len(a))[:subset])
+
+    def tensor(k: str) -> torch.Tensor | None:
+        a = raw[k]
+        if a is None or len(a) == 0:
+            return None
+        a = a[rows[k]]
+        z = (a[:, keep] - mean[keep]) / std[keep] if standardize else a  # (n_k, D_kept)
+        return torch.as_tensor(np.ascontiguousarray(z), dtype=dtype)  # row-major, as models expect
+
+    dropped = np.flatnonzero(~keep).tolist()
+    extra: dict[str, Any] = {"standardized": standardize, "dropped_constant_columns": dropped}
+    if standardize:
+        extra |= {"train_mean": mean[keep].tolist(), "train_std": std[keep].tolist()}
+    if fractions is not None:
+        extra["split"] = list(fractions)
+    if names is not None:
+        extra["feature_names"] = [n for n, k in zip(names, keep, strict=True) if k]
+    origin = Origin(
+        source=source or name, shape=(sum(len(a) for a in order), width), standardized=standardize,
+        dropped_constant_columns=dropped, split_fractions=fractions, seed=seed,
+        columns=None if columns is None else list(columns), path=None if path is None else str(path), files=files,
+        sha256=None if files else sha256_arrays(order),
+    )
+    return Dataset(
+        name=name, train=tensor("train"), valid=tensor("valid"), test=tensor("test"),
+        labels={k: torch.as_tensor(y[rows[k]]) for k, y in label_parts.items()},
+        binary=binary_values and not standardize, meta={**extra, **(meta or {})}, origin=origin,
+    )
+
+
 def standardize_splits(
-    name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, **meta: Any
+    name: str, x: np.ndarray, y: np.ndarray | None, config: DataConfig, *,
+    feature_names: Sequence[str] | None = None, **meta: Any
 ) -> Dataset:
     """Split ``x`` by ``config``, standardize with train statistics only, drop columns constant in train."""
-    x = check_matrix(torch.as_tensor(np.asarray(x, dtype=np.float64)), name=name).numpy()
-    parts = split_indices(len(x), config.split, config.seed)
-    if len(parts[0]) < 2 or len(parts[2]) == 0:
-        raise ValueError(f"{name}: split {config.split} of {len(x)} points leaves too few train or test points")
-    train = x[parts[0]]
-    mean, std = train.mean(0), train.std(0)
-    keep = std > 1e-8
-    z = (x[:, keep] - mean[keep]) / std[keep]
+    return _dataset(name, x, where=name, split=config.split, seed=config.seed, standardize=True,
+                    dtype=config.dtype, subset=config.subset, feature_names=feature_names, labels=y, meta=meta)
 
-    def part(idx: np.ndarray) -> torch.Tensor:
-        idx = idx[: config.subset] if config.subset else idx
-        return torch.as_tensor(z[idx], dtype=config.dtype)
 
-    def lab(idx: np.ndarray) -> torch.Tensor:
-        idx = idx[: config.subset] if config.subset else idx
-        return torch.as_tensor(y[idx])
+# ---------------------------------------------------------------------------------------------
+# The user's own data
 
-    labels = {} if y is None else {s: lab(i) for s, i in zip(("train", "valid", "test"), parts, strict=True)}
-    return Dataset(
-        name=name,
-        train=part(parts[0]),
-        valid=part(parts[1]) if len(parts[1]) else None,
-        test=part(parts[2]),
-        labels=labels,
-        meta={"dropped_constant_columns": np.flatnonzero(~keep).tolist(), "train_mean": mean[keep].tolist(),
-              "train_std": std[keep].tolist(), "split": list(config.split), **meta},
-    )
+
+def from_array(
+    x: Any,
+    *,
+    valid: Any = None,
+    test: Any = None,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    standardize: bool | None = True,
+    seed: int = 0,
+    name: str = "array",
+    columns: Sequence[str | int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    labels: Any = None,
+    feature_names: Sequence[str] | None = None,
+    subset: int | None = None,
+) -> Dataset:
+    """A NumPy array, tensor or pandas DataFrame (points x features) as the :class:`Dataset` the built-in
+    loaders return.
+
+    * ``valid``/``test`` given: they are the splits (``split`` is ignored; ``valid`` may be left out).
+      Otherwise ``x`` is split by the ``split`` fractions with ``seed``, exactly as the built-in sets are, so
+      the same numbers give bit-identical tensors.
+    * ``standardize=True`` standardizes every split with the train split's mean and std and drops columns
+      constant in train; ``False`` keeps the values (binary data); ``None`` standardizes unless all are 0/1.
+    * ``columns`` (names or 0-based indices) selects columns of ``x`` (and of the given splits); names are a
+      DataFrame's column names or ``feature_names``. Kept names go to ``meta["feature_names"]``.
+    * ``labels``: one per row of ``x`` (split alike), or, with given splits, a mapping split name -> labels.
+    * ``subset`` keeps at most that many points per split (as :attr:`DataConfig.subset`).
+
+    Bad input (NaN/inf, non-numeric columns, too few rows for the split, ...) raises a one-line
+    ``ValueError`` that starts with ``name``.
+    """
+    return _dataset(name, x, valid, test, where=name, split=split, seed=seed, standardize=standardize, dtype=dtype,
+                    subset=subset, columns=columns, feature_names=feature_names, labels=labels)
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """What a file reader returns: one table to split, or (``test`` not ``None``) the given splits."""
+
+    data: Any
+    valid: Any = None
+    test: Any = None
+
+
+FileReader = Callable[[Path], RawTable]
+#: suffix (lower case, with the dot) -> reader; add formats with :func:`register_reader`
+FILE_READERS: dict[str, FileReader] = {}
+
+
+def register_reader(suffix: str) -> Callable[[FileReader], FileReader]:
+    """Decorator registering a reader for files ending in ``suffix`` (e.g. ``".csv"``)."""
+
+    def decorate(reader: FileReader) -> FileReader:
+        FILE_READERS[suffix.lower()] = reader
+        return reader
+
+    return decorate
+
+
+def _pandas(path: Path) -> Any:
+    try:
+        import pandas
+    except ImportError:
+        raise ValueError(f"{path}: reading {path.suffix} files needs pandas (pip install pandas)") from None
+    return pandas
+
+
+def _is_number(text: str) -> bool:
+    """Whether a CSV field reads as a number (an empty field is a missing number)."""
+    text = text.strip()
+    if not text:
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_has_header(path: Path) -> bool:
+    """Whether the first row of a CSV file is a header: some field in it is not a number where the row under it
+    has one (so a text column, e.g. species names, does not make a data row a header). A file with one row has
+    a header if any field in it is not a number."""
+    rows: list[list[str]] = []
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        for row in csv.reader(f):
+            if any(field.strip() for field in row):
+                rows.append(row)
+            if len(rows) == 2:
+                break
+    if not rows:
+        return False
+    if len(rows) == 1:
+        return not all(_is_number(v) for v in rows[0])
+    return any(not _is_number(a) and _is_number(b) for a, b in zip(rows[0], rows[1], strict=False))
+
+
+@register_reader(".csv")
+def read_csv(path: Path) -> RawTable:
+    """A comma-separated table; the header is detected (:func:`csv_has_header`); floats are read exactly."""
+    pd = _pandas(path)
+    # pandas < 3 parses floats to within an ulp unless asked for round trips; pandas 3 is exact (and deprecates it)
+    exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+    try:
+        header = csv_has_header(path)
+        df = pd.read_csv(path, header=0 if header else None, skipinitialspace=True, **exact)
+    except Exception as e:  # noqa: BLE001 - ragged rows, empty or binary files: say what the parser said
+        raise ValueError(f"{path}: cannot read as CSV ({one_line(e)})") from None
+    return RawTable(df)
+
+
+@register_reader(".npy")
+def read_npy(path: Path) -> RawTable:
+    """One array (points x features), split by the config's fractions."""
+    try:
+        with open(path, "rb") as fh:  # our handle: np.load leaks its own when the file is corrupt
+            a = np.load(fh, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot read as .npy ({one_line(e)})") from None
+    if not isinstance(a, np.ndarray):
+        a.close()
+        raise ValueError(f"{path}: holds an .npz archive, not one .npy array; rename it to .npz")
+    return RawTable(a)
+
+
+@register_reader(".npz")
+def read_npz(path: Path) -> RawTable:
+    """Arrays ``train``/``valid``/``test`` (or ``train``/``test``) used as the splits, or exactly one array."""
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:  # our handle, closed even if corrupt
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # noqa: BLE001 - corrupt archives raise all sorts
+        raise ValueError(f"{path}: cannot read as .npz ({one_line(e)})") from None
+    if set(arrays) in ({"train", "valid", "test"}, {"train", "test"}):
+        return RawTable(arrays["train"], arrays.get("valid"), arrays["test"])
+    if len(arrays) == 1:
+        return RawTable(next(iter(arrays.values())))
+    raise ValueError(f"{path}: expected arrays train/valid/test (or train/test), or exactly one array; "
+                     f"found {sorted(arrays) if arrays else 'none'}")
+
+
+@register_reader(".parquet")
+def read_parquet(path: Path) -> RawTable:
+    """A Parquet table, read by pandas (which needs pyarrow or fastparquet)."""
+    pd = _pandas(path)
+    try:
+        df = pd.read_parquet(path)
+    except ImportError:
+        raise ValueError(f"{path}: pandas cannot read Parquet without pyarrow or fastparquet; "
+                         "pip install pyarrow, or save the data as .csv or .npy") from None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot read as Parquet ({one_line(e)})") from None
+    return RawTable(df)
+
+
+def load_file(
+    path: str | os.PathLike,
+    config: DataConfig | None = None,
+    *,
+    columns: Sequence[str | int] | None = None,
+    standardize: bool | None = None,
+) -> Dataset:
+    """The user's data file as a :class:`Dataset`, read by suffix (:data:`FILE_READERS`).
+
+    The split fractions, seed, dtype and subset come from ``config``; ``columns`` selects columns by name or
+    0-based index. ``standardize=None`` follows ``config.standardize``: standardize by train statistics unless
+    every value is 0/1. Errors are one line starting with the file's absolute path.
+    """
+    config = config or DataConfig()
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: is not a file (a directory?); give the path of a data file")
+    reader = FILE_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unknown file type {path.suffix or '(no suffix)'!r}; "
+                         f"supported: {', '.join(sorted(FILE_READERS))}")
+    table = reader(path)
+    if standardize is None and not config.standardize:
+        standardize = False
+    return _dataset(path.stem, table.data, table.valid, table.test, where=str(path), split=config.split,
+                    seed=config.seed, standardize=standardize, dtype=config.dtype, subset=config.subset,
+                    columns=columns, source=str(path), path=path, files=(path,), meta={"path": str(path)})
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn's bundled sets
 
 
 def _sklearn_loader(fn_name: str, image_shape: tuple[int, int] | None = None) -> Loader:
     def load(config: DataConfig) -> Dataset:
         import sklearn.datasets
 
-        x, y = getattr(sklearn.datasets, fn_name)(return_X_y=True)
-        ds = standardize_splits(fn_name.removeprefix("load_"), x, y, config, source=f"sklearn.datasets.{fn_name}")
+        bunch = getattr(sklearn.datasets, fn_name)()
+        name = fn_name.removeprefix("load_")
+        ds = standardize_splits(name, bunch.data, bunch.target, config, feature_names=list(bunch.feature_names),
+                                source=f"sklearn.datasets.{fn_name}")
         if image_shape is not None and ds.data_dim == image_shape[0] * image_shape[1]:
             ds.image_shape = image_shape
         return ds
@@ -144,21 +665,28 @@ def _sklearn_loader(fn_name: str, image_shape: tuple[int, int] | None = None) ->
     return load
 
 
-for _name, _fn in [("breast_cancer", "load_breast_cancer"), ("wine", "load_wine"), ("iris", "load_iris")]:
-    register_dataset(_name)(_sklearn_loader(_fn))
+for _name, _fn, _tags, _summary in [
+    ("breast_cancer", "load_breast_cancer", ("continuous",), "569 tumours x 30 features (scikit-learn)"),
+    ("wine", "load_wine", ("continuous", "clusters"), "178 wines x 13 features, 3 cultivars (scikit-learn)"),
+    ("iris", "load_iris", ("continuous", "clusters"), "150 flowers x 4 features, 3 species (scikit-learn)"),
+]:
+    register_dataset(_name, tags=_tags, summary=_summary)(_sklearn_loader(_fn))
 
 
-@register_dataset("digits")
+@register_dataset("digits", tags=("continuous", "images"), summary="1797 8x8 digit images, standardized (scikit-learn)")
 def load_digits(config: DataConfig) -> Dataset:
     """scikit-learn's 8x8 ``digits`` (1797 images), standardized; constant pixels are dropped."""
     ds = _sklearn_loader("load_digits")(config)
     ds.name = "digits"
+    if ds.origin is not None:
+        ds.origin.source = "digits"
     if not ds.meta["dropped_constant_columns"]:
         ds.image_shape = (8, 8)
     return ds
 
 
-@register_dataset("digits_pca")
+@register_dataset("digits_pca", tags=("continuous", "clusters"),
+                  summary="digits projected on their first pca_dim principal axes (fit on train)")
 def load_digits_pca(config: DataConfig) -> Dataset:
     """``digits`` standardized, then projected on its first ``pca_dim`` principal axes (fit on train only)."""
     ds = load_digits(config)
@@ -172,8 +700,10 @@ def load_digits_pca(config: DataConfig) -> Dataset:
     def project(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else ((x.double() - mean) @ axes).to(config.dtype)
 
+    meta = {**ds.meta, "pca_dim": config.pca_dim, "feature_names": [f"pc{i + 1}" for i in range(config.pca_dim)]}
+    origin = None if ds.origin is None else replace(ds.origin, source="digits_pca")
     return Dataset("digits_pca", project(ds.train), project(ds.valid), project(ds.test), labels=ds.labels,
-                   meta={**ds.meta, "pca_dim": config.pca_dim})
+                   meta=meta, origin=origin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +747,8 @@ def read_binarized_mnist(data_dir: str | os.PathLike | None = None) -> tuple[dic
     )
 
 
-@register_dataset("binarized_mnist")
+@register_dataset("binarized_mnist", tags=("binary", "images"),
+                  summary="static binarized MNIST, 50000/10000/10000 0/1 images of 28x28 (Larochelle & Murray)")
 def load_binarized_mnist(config: DataConfig) -> Dataset:
     """Static binarized MNIST with its standard 50000/10000/10000 split."""
     arrays, path = read_binarized_mnist(config.data_dir)
@@ -228,8 +759,11 @@ def load_binarized_mnist(config: DataConfig) -> Dataset:
     rng = np.random.default_rng(config.seed)
     t = {k: torch.as_tensor(a[np.sort(rng.permutation(len(a))[: config.subset])] if config.subset else a,
                             dtype=config.dtype) for k, a in arrays.items()}
+    files = (path,) if path.is_file() else tuple(path / MNIST_AMAT.format(k) for k in SPLITS)
+    origin = Origin(source="binarized_mnist", shape=(sum(len(a) for a in arrays.values()), 784), standardized=False,
+                    seed=config.seed, path=str(path), files=files)
     return Dataset("binarized_mnist", t["train"], t["valid"], t["test"], binary=True, image_shape=(28, 28),
-                   meta={"path": str(path)})
+                   meta={"path": str(path)}, origin=origin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,11 +790,15 @@ def _split_synthetic(name: str, x: torch.Tensor, config: DataConfig, labels: tor
     parts = split_indices(len(x), config.split, config.seed)
     take = [torch.as_tensor(p[: config.subset] if config.subset else p) for p in parts]
     lab = {} if labels is None else {s: labels[t] for s, t in zip(("train", "valid", "test"), take, strict=True)}
+    origin = Origin(source=name, shape=(x.shape[0], x.shape[1]), standardized=False,
+                    split_fractions=tuple(config.split), seed=config.seed,
+                    sha256=sha256_arrays([x.detach().cpu().numpy()]))
     return Dataset(name, x[take[0]].to(config.dtype), x[take[1]].to(config.dtype) if len(take[1]) else None,
-                   x[take[2]].to(config.dtype), labels=lab, meta=meta)
+                   x[take[2]].to(config.dtype), labels=lab, meta=meta, origin=origin)
 
 
-@register_dataset("synthetic_mixture")
+@register_dataset("synthetic_mixture", tags=("continuous", "ground-truth", "mixture", "clusters"),
+                  summary="Gaussian-mixture data from known weights, means and covariances")
 def load_synthetic_mixture(config: DataConfig) -> Dataset:
     """Gaussian-mixture data from known weights, means and covariances (labels are the true components)."""
     from pyro_lvm.models.gaussian_mixture import make_mixture_data
@@ -270,8 +808,9 @@ def load_synthetic_mixture(config: DataConfig) -> Dataset:
     return _split_synthetic("synthetic_mixture", x, config, labels=truth["labels"], truth=truth)
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", tags=("continuous", "ground-truth", "factor"),
+                  summary="factor-analysis data from known W, mu, Psi (not standardized)")
 def load_synthetic_fa(config: DataConfig) -> Dataset:
     """Factor-analysis data from known W, μ, Ψ (not standardized, so the truth applies as is)."""
     x, truth = make_factor_analysis_data(config.num_points, config.data_dim, config.latent_dim, config.seed)
-    return _split_synthetic("synthetic", x, config, truth=truth)
+    return _split_synthetic("synthetic", x, config, labels=None, truth=truth)

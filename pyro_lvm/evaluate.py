@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ import pyro
 import torch
 from pyro import poutine
 
+from pyro_lvm.config import check_config
 from pyro_lvm.models.base import LatentModel
 from pyro_lvm.registry import Registry
+from pyro_lvm.runtime import local_params, seeded, threads
 
 
 @dataclass
@@ -42,6 +45,14 @@ class EvalConfig:
     active_threshold: float = 0.01
     #: draws θ ~ q(θ) of global latents, for models that have them (posterior predictive, expected bounds)
     posterior_samples: int = 100
+    #: fixes the evaluation's samples without touching the caller's RNG (``None``: draw from the caller's RNG)
+    seed: int | None = None
+    #: torch threads during evaluation (``None``: leave the caller's setting)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("iwae_k", "max_rows", "posterior_samples", "threads"),
+                     nonneg=("active_threshold",))
 
 
 Evaluator = Callable[[LatentModel, Any, torch.Tensor, EvalConfig], dict[str, torch.Tensor]]
@@ -81,7 +92,7 @@ def log_weight_terms(
     local latents ``z`` (S, N, k). Uses Pyro traces under a particle plate at dim -2, so any model and
     guide that share the data plate at dim -1 are scored the same way the ELBO sees them.
     """
-    with pyro.plate("particles", num_samples, dim=-2):
+    with local_params(model, guide), pyro.plate("particles", num_samples, dim=-2):
         guide_tr = poutine.trace(guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
     shape = (num_samples, x.shape[0])
@@ -184,7 +195,8 @@ def bounds(
     model: LatentModel, guide: Any, x: torch.Tensor, config: EvalConfig | None = None
 ) -> dict[str, torch.Tensor]:
     """Per-point bounds by the model's evaluator (no validation, no mode switching: see :func:`evaluate`)."""
-    return EVALUATORS[model.evaluator](model, guide, x, config or EvalConfig())
+    with local_params(model, guide):
+        return EVALUATORS[model.evaluator](model, guide, x, config or EvalConfig())
 
 
 def active_units(z_mean: torch.Tensor, threshold: float = 0.01) -> int:
@@ -195,23 +207,28 @@ def active_units(z_mean: torch.Tensor, threshold: float = 0.01) -> int:
 
 
 def evaluate(
-    model: LatentModel, guide: Any, x: torch.Tensor, config: EvalConfig | None = None
+    model: LatentModel, guide: Any, x: object, config: EvalConfig | None = None, **overrides: Any
 ) -> dict[str, Any]:
-    """Held-out bounds in mean nats per point (plus the per-point arrays under ``per_point``)."""
+    """Held-out bounds in mean nats per point (plus the per-point arrays under ``per_point``).
+
+    ``x`` is an array, tensor or DataFrame (points, features) of any float dtype; it is checked and moved
+    to the model's dtype and device. ``overrides`` replace fields of ``config`` (``evaluate(m, g, x,
+    iwae_k=100, seed=0)``). Runs with module-local Pyro parameters and restores every setting it touches.
+    """
     config = config or EvalConfig()
-    if config.iwae_k < 1 or config.posterior_samples < 1:
-        raise ValueError(f"iwae_k and posterior_samples must be >= 1, got {config.iwae_k}, {config.posterior_samples}")
+    config = dataclasses.replace(config, **overrides) if overrides else config
     x = model.validate(x, name="evaluation data")
     was_training = model.training, getattr(guide, "training", False)
     model.eval()
     if hasattr(guide, "eval"):
         guide.eval()
     try:
-        b = bounds(model, guide, x, config)
-        exact = b.pop("exact_log_likelihood", None)
-        if exact is None:
-            with torch.no_grad():
-                exact = model.log_likelihood(x)
+        with local_params(model, guide), seeded(config.seed), threads(config.threads):
+            b = bounds(model, guide, x, config)
+            exact = b.pop("exact_log_likelihood", None)
+            if exact is None:
+                with torch.no_grad():
+                    exact = model.log_likelihood(x)
     finally:
         model.train(was_training[0])
         if hasattr(guide, "train"):

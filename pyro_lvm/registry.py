@@ -1,7 +1,8 @@
-"""A small name -> factory registry, used for models, guides, datasets and ELBOs."""
+"""A small name -> entry registry, used for models, guides, data sets, ELBOs, evaluators and experiments."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -12,21 +13,41 @@ class UnknownNameError(ValueError):
     """An unknown registry name; the message lists the valid ones."""
 
 
+def origin_of(entry: object, depth: int = 2) -> tuple[str, str]:
+    """Where an entry comes from: a class's or function's (module, qualified name), else (the module that
+    registers it, its type's name).
+
+    A module reload re-registers new objects with the same origin, which is harmless; any other
+    object under a taken name is a clash.
+    """
+    if hasattr(entry, "__module__") and hasattr(entry, "__qualname__"):
+        return entry.__module__, entry.__qualname__
+    return sys._getframe(depth).f_globals.get("__name__", "?"), type(entry).__qualname__
+
+
 class Registry(Generic[T]):
     """Maps names to entries; ``registry.register(name)`` is a decorator.
 
     New families are added by registering a new entry in a new file, never by editing a dispatcher.
+    Registering the same object twice, or re-registering from the same place (``importlib.reload``), is
+    harmless; a different object under a taken name raises ``ValueError``.
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._origins: dict[str, tuple[str, str]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, *, origin: tuple[str, str] | None = None) -> Callable[[T], T]:
+        """Decorator registering ``entry`` under ``name``; ``origin`` overrides :func:`origin_of`."""
+
         def decorate(entry: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+            nonlocal origin
+            origin = origin or origin_of(entry, 2)  # frame 2: the code that registers
+            if name in self._entries and self._entries[name] is not entry and self._origins[name] != origin:
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._origins[name][0]})")
             self._entries[name] = entry
+            self._origins[name] = origin
             return entry
 
         return decorate
@@ -45,9 +66,24 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def items(self) -> list[tuple[str, T]]:
+        return [(k, self._entries[k]) for k in sorted(self._entries)]
+
 
 MODELS: Registry[type] = Registry("model")
-register_model = MODELS.register
+
+
+def register_model(name: str) -> Callable[[type], type]:
+    """Class decorator: register a :class:`~pyro_lvm.models.base.LatentModel` under ``name`` (also ``cls.name``)."""
+
+    def decorate(cls: type) -> type:
+        cls.name = name  # type: ignore[attr-defined]
+        return MODELS.register(name)(cls)
+
+    return decorate

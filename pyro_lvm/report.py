@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,14 +57,40 @@ def results_table(payload: Mapping[str, Any]) -> str:
     return f"### {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, fsync, then rename it into place: a reader (or a
+    crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_results(output: str | Path, payload: Mapping[str, Any]) -> dict[str, Path]:
-    """Write ``results.json`` and ``results.md`` into ``output``; returns their paths."""
+    """Write ``results.json`` and ``results.md`` into ``output`` (each atomically); returns their paths."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    paths["json"].write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    paths["markdown"].write_text(results_table(payload))
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    atomic_write_text(paths["markdown"], results_table(payload))
     return paths
+
+
+def new_figure(*, figsize: tuple[float, float], ncols: int = 1) -> tuple[Any, Any]:
+    """A matplotlib ``Figure`` and its axes, made without pyplot: no backend is chosen or switched, so
+    the caller's (a notebook's inline backend, say) is left as it is. Save with ``fig.savefig``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def _jsonable(v: Any) -> Any:
@@ -76,12 +104,7 @@ def _jsonable(v: Any) -> Any:
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
                          title: str = "training curves") -> Path:
     """Per-point training loss (−ELBO) and validation ELBO per epoch, one line per guide."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(figsize=(11, 4), ncols=2)
     for name, hist in histories.items():
         epochs = [h["epoch"] for h in hist]
         axes[0].plot(epochs, [-h["train_loss"] for h in hist], label=name)
@@ -102,5 +125,4 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -15,8 +15,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,11 @@ from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGra
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
+from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
 from pyro_lvm.models.base import LatentModel
 from pyro_lvm.registry import Registry
+from pyro_lvm.runtime import DEVICES, local_params, module_device, resolve_device, seeded
+from pyro_lvm.runtime import threads as runtime_threads
 
 from .evaluate import EvalConfig, bounds
 
@@ -52,22 +54,27 @@ ELBOS.register("traceenum")(TraceEnum_ELBO)  # sums enumerated discrete sites ou
 
 
 class TrainingError(RuntimeError):
-    """Training stopped: the loss became NaN/inf."""
+    """Training stopped: the loss or the parameters became non-finite."""
 
 
 @dataclass
 class TrainConfig:
+    """How :func:`fit` trains. Every field is checked when the config is made (``ValueError`` naming it)."""
+
+    #: passes over the training data
     epochs: int = 100
     #: minibatch size; ``None`` uses the whole training set each step
     batch_size: int | None = 100
+    #: Adam's learning rate
     lr: float = 1e-3
-    #: the learning rate decays exponentially to ``lr * lr_final_factor`` over the epochs
+    #: the learning rate decays exponentially to ``lr * lr_final_factor`` over the epochs (1: constant)
     lr_final_factor: float = 1.0
     #: clip the global gradient norm to this value (``None``: no clipping)
     clip_norm: float | None = 100.0
+    #: samples of the latents per data point in each ELBO estimate (vectorised)
     num_particles: int = 1
-    #: ELBO estimator: "trace" (Trace_ELBO), "meanfield" (TraceMeanField_ELBO), "jit" (JitTrace_ELBO)
-    elbo: str = "trace"
+    #: ELBO estimator, a name in ``ELBOS``; ``None``: the model's own default (``model.default_elbo``)
+    elbo: str | None = None
     #: epochs over which the weight on the latent terms (the KL) rises linearly to 1; 0 = no warm-up
     warmup_epochs: int = 0
     #: stop after this many epochs without a better validation ELBO (``None``: never)
@@ -80,14 +87,33 @@ class TrainConfig:
     restore_best: bool = True
     #: write ``last.pt`` every this many epochs (``best.pt`` is written on every improvement)
     checkpoint_every: int = 1
+    #: optimise the model's parameters (False: hold the model fixed, train only the guide)
     train_model: bool = True
+    #: optimise the guide's parameters
     train_guide: bool = True
-    seed: int = 0
+    #: fixes initialisation-free randomness of the fit (minibatch order, samples); ``None``: the caller's RNG
+    seed: int | None = None
+    #: torch threads during the fit (``None``: leave the caller's setting)
+    threads: int | None = None
+    #: "cpu", "cuda", "mps" or "auto": move model, guide and data there first (``None``: the model's device)
+    device: str | None = None
     #: directory for checkpoints (``None``: no checkpoints)
     output: str | None = None
+    #: no progress bar
     quiet: bool = False
     #: stop after this many optimiser steps in total (tests, benchmarks)
     max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("epochs", "batch_size", "num_particles", "patience", "val_samples",
+                                         "eval_every", "checkpoint_every", "max_steps", "threads"),
+                     nonneg_int=("warmup_epochs",), positive=("lr", "clip_norm", "lr_final_factor"))
+        if self.lr_final_factor > 1:
+            raise ConfigError("lr_final_factor", f"must be in (0, 1] (the rate decays), got {self.lr_final_factor}")
+        check_choice(self, "elbo", ELBOS.names())
+        check_choice(self, "device", DEVICES)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError("seed", f"must be an integer or None, got {self.seed!r}")
 
 
 @dataclass
@@ -97,6 +123,8 @@ class FitResult:
     best_valid_elbo: float | None = None
     train_seconds: float = 0.0
     steps: int = 0
+    #: the estimator that was used (a name in ``ELBOS``)
+    elbo: str = ""
     #: wall time of every optimiser step (loss, backward, update), for benchmarks
     step_seconds: list[float] = field(default_factory=list)
 
@@ -117,20 +145,17 @@ class AnnealLatents(Messenger):
             msg["scale"] = msg["scale"] * self.beta
 
 
-def set_seed(seed: int) -> None:
-    """Seed torch, numpy and Python's ``random`` through Pyro."""
-    pyro.set_rng_seed(seed)
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Run a block with torch's default dtype set to ``dtype``, restoring the caller's afterwards."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+def resolve_elbo(model: LatentModel, name: str | None) -> str:
+    """The estimator to train ``model`` with: ``name``, or the model's default; refuses one that would
+    optimise the wrong objective for this model (e.g. ``trace`` on an enumerated site)."""
+    traits = model.traits
+    name = name or traits.default_elbo
+    ELBOS[name]  # noqa: B018 - an unknown name raises, listing the valid ones
+    if name not in traits.elbos:
+        note = f" ({traits.elbo_note})" if traits.elbo_note else ""
+        raise ValueError(f"elbo: {name!r} cannot train this {traits.name} model{note}; "
+                         f"usable: {', '.join(traits.elbos)}")
+    return name
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -141,7 +166,7 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path, model: LatentModel, guide: torch.nn.Module) -> dict[str, Any]:
     """Restore model and guide parameters from a checkpoint written by :func:`fit`."""
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=False, map_location=module_device(model))
     model.load_state_dict(ckpt["model"])
     guide.load_state_dict(ckpt["guide"])
     return ckpt
@@ -151,27 +176,15 @@ def _latent_sites(model: LatentModel) -> set[str]:
     return {model.local_site} if model.local_site else set(model.global_sites)
 
 
-def _fit(
-    model: LatentModel,
-    guide: Any,
-    train: torch.Tensor,
-    valid: torch.Tensor | None = None,
-    config: TrainConfig | None = None,
-) -> FitResult:
-    config = config or TrainConfig()
-    train = model.validate_training(train, name="training data")
-    valid = None if valid is None else model.validate(valid, name="validation data")
+def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tensor | None, config: TrainConfig,
+         elbo_name: str) -> FitResult:
     n = train.shape[0]
     batch = n if config.batch_size is None else min(int(config.batch_size), n)
-    if batch < 1 or config.epochs < 0 or config.num_particles < 1 or config.lr <= 0:
-        raise ValueError(f"bad training config: batch_size={config.batch_size}, epochs={config.epochs}, "
-                         f"num_particles={config.num_particles}, lr={config.lr}")
-    set_seed(config.seed)
 
     anneal = AnnealLatents(_latent_sites(model))
-    jit = {"ignore_jit_warnings": True} if config.elbo == "jit" else {}
-    elbo = ELBOS[config.elbo](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
-                              max_plate_nesting=1, **jit)
+    jit = {"ignore_jit_warnings": True} if elbo_name == "jit" else {}
+    elbo = ELBOS[elbo_name](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
+                            max_plate_nesting=1, **jit)
 
     # beta travels as a keyword so that JitTrace_ELBO (which hashes keywords) retraces when it changes
     def model_fn(x: torch.Tensor, total_size: int | None = None, beta: float = 1.0) -> None:
@@ -206,18 +219,19 @@ def _fit(
     out_dir = Path(config.output) if config.output else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    result = FitResult()
+    result = FitResult(elbo=elbo_name)
     best_state = _state(model, guide)
     best_score, since_best, last_good = -math.inf, 0, None
-    gen = torch.Generator().manual_seed(config.seed)
+    # minibatch order: its own generator, seeded from the (possibly seeded) global RNG
+    gen = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
     # a traced graph is specialised to its input shape, so the JIT drops a last, smaller minibatch
-    steps_per_epoch = n // batch if config.elbo == "jit" else math.ceil(n / batch)
+    steps_per_epoch = n // batch if elbo_name == "jit" else math.ceil(n / batch)
     quiet = config.quiet or not sys.stderr.isatty()
     bar = tqdm(range(1, config.epochs + 1), desc="train", disable=quiet, leave=False)
     t0 = time.perf_counter()
     for epoch in bar:
         beta = min(1.0, epoch / config.warmup_epochs) if config.warmup_epochs > 0 else 1.0
-        perm = torch.randperm(n, generator=gen) if batch < n else torch.arange(n)
+        perm = (torch.randperm(n, generator=gen) if batch < n else torch.arange(n)).to(train.device)
         total, count = 0.0, 0
         for step in range(1, steps_per_epoch + 1):
             xb = train[perm[(step - 1) * batch: step * batch]]
@@ -268,14 +282,14 @@ def _fit(
                 if config.restore_best:
                     best_state = _state(model, guide)
                 if out_dir and config.restore_best:
-                    _save(out_dir / "best.pt", {**best_state, "epoch": epoch, "config": dataclasses.asdict(config)})
+                    _save(out_dir / "best.pt", {**best_state, "epoch": epoch, "config": to_dict(config)})
             else:
                 since_best += 1
         if out_dir and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
             last_good = out_dir / "last.pt"
             _save(last_good, {**_state(model, guide), "epoch": epoch, "history": result.history,
                               "optimizer": optim.state_dict() if optim else None,
-                              "config": dataclasses.asdict(config)})
+                              "config": to_dict(config)})
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{row.get('valid_elbo', float('nan')):.3f}")
         if config.patience is not None and since_best >= config.patience:
             break
@@ -293,29 +307,44 @@ def _fit(
 def fit(
     model: LatentModel,
     guide: Any,
-    train: torch.Tensor,
-    valid: torch.Tensor | None = None,
+    train: object,
+    valid: object | None = None,
     config: TrainConfig | None = None,
+    **overrides: Any,
 ) -> FitResult:
     """Maximise the ELBO of ``model`` with ``guide`` on ``train``; returns the per-epoch history.
+
+    ``train``/``valid`` are arrays, tensors or DataFrames of shape (points, features) of any float dtype;
+    they are checked and converted to the model's dtype and device. ``overrides`` replace fields of
+    ``config`` (``fit(model, guide, x, epochs=50, seed=0)``).
 
     The best state by validation ELBO (or by training loss when there is no validation set) is
     restored at the end unless ``config.restore_best`` is False.
 
-    With ``config.elbo == "jit"`` (``JitTrace_ELBO``), parameters must live in Pyro's global
-    parameter store, which the JIT reads; the fit then runs with ``module_local_params`` off and a
-    store cleared before and after, so fits compared in one process still never share parameters.
+    Side effects are the caller's choice: ``seed=None`` leaves the caller's RNG alone (a seed fixes the
+    run and restores the caller's RNG state afterwards); ``threads`` and ``device`` apply only when given;
+    the fit runs with Pyro's ``module_local_params`` on (models never share parameters) and restores the
+    caller's setting. With ``elbo="jit"`` (``JitTrace_ELBO``, which reads parameters from Pyro's global
+    parameter store), the fit runs with module-local parameters off inside a fresh parameter-store scope,
+    so the caller's own parameters are untouched.
     """
-    config = config or TrainConfig()
-    if config.elbo != "jit":
-        return _fit(model, guide, train, valid, config)
-    with pyro.settings.context(module_local_params=False), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        pyro.clear_param_store()
-        try:
-            return _fit(model, guide, train, valid, config)
-        finally:
-            pyro.clear_param_store()
+    config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
+    elbo_name = resolve_elbo(model, config.elbo)
+    device = resolve_device(config.device)
+    if device is not None:
+        model.to(device)
+        if isinstance(guide, torch.nn.Module):
+            guide.to(device)
+    train = model.validate_training(train, name="training data")
+    valid = None if valid is None else model.validate(valid, name="validation data")
+    with runtime_threads(config.threads), seeded(config.seed):
+        if elbo_name != "jit":
+            with local_params(model, guide):
+                return _fit(model, guide, train, valid, config, elbo_name)
+        with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope(), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            return _fit(model, guide, train, valid, config, elbo_name)
 
 
 def _where(epoch: int, step: int, steps_done: int) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lvm.train import default_dtype
+from pyro_lvm.runtime import default_dtype
 
 
 @pytest.fixture
@@ -29,3 +29,17 @@ def fake_mnist(tmp_path: Path) -> Path:
     directory.mkdir()
     np.savez_compressed(directory / "binarized_mnist.npz", **arrays)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def no_global_side_effects() -> Iterator[None]:
+    """Every test leaves Pyro's global settings and parameter store, and torch's thread count and default
+    dtype, as it found them: the library changes no global state its caller did not ask it to."""
+    import pyro
+
+    before = (pyro.settings.get("module_local_params"), sorted(pyro.get_param_store().keys()),
+              torch.get_num_threads(), torch.get_default_dtype())
+    yield
+    after = (pyro.settings.get("module_local_params"), sorted(pyro.get_param_store().keys()),
+             torch.get_num_threads(), torch.get_default_dtype())
+    assert after == before, f"global state changed: {before} -> {after}"

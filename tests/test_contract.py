@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pyro_lvm.guides import GUIDES, GuideConfig, build_guide
-from pyro_lvm.models import MODELS
 
 from pyro_lvm.evaluate import log_weight_terms
+from pyro_lvm.guides import GUIDES, GuideConfig, build_guide
+from pyro_lvm.models import MODELS
+from pyro_lvm.runtime import local_params
 from pyro_lvm.train import ELBOS, TrainConfig, fit
 
 PAIRS = [(m, g) for m in MODELS.names() for g in GUIDES.names()]
@@ -41,12 +42,14 @@ def test_model_guide_contract(model_name: str, guide_name: str) -> None:
         return
     guide = build_guide(guide_name, model, SMALL)
     elbo = ELBOS[model.default_elbo](max_plate_nesting=1)
-    elbo.differentiable_loss(model, guide, x)  # builds any lazily created parameters
+    with local_params(model, guide):
+        elbo.differentiable_loss(model, guide, x)  # builds any lazily created parameters
     params = _params(model, guide)
     assert params, "a usable pair must have something to learn"
     for p in params:
         p.grad = None
-    loss = elbo.differentiable_loss(model, guide, x)
+    with local_params(model, guide):
+        loss = elbo.differentiable_loss(model, guide, x)
     assert torch.isfinite(loss)
     loss.backward()
     missing = [n for n, p in list(model.named_parameters()) + list(guide.named_parameters()) if p.grad is None]

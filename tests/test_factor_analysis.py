@@ -14,13 +14,13 @@ import numpy as np
 import pyro
 import pytest
 import torch
+
+from pyro_lvm.data import DataConfig, load_dataset, make_factor_analysis_data, read_binarized_mnist
+from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
 from pyro_lvm.experiments import factor_analysis as fa_experiment
 from pyro_lvm.experiments.cli import run_main
 from pyro_lvm.guides import GuideConfig, build_guide
 from pyro_lvm.models import PPCA, FactorAnalysis, FactorAnalysisConfig
-
-from pyro_lvm.data import DataConfig, load_dataset, make_factor_analysis_data, read_binarized_mnist
-from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
 from pyro_lvm.train import TrainConfig, TrainingError, fit, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -263,7 +263,7 @@ def test_early_stopping_restores_the_best_validation_state() -> None:
     (torch.zeros(3, 5), "expected 4 features"),
     (torch.zeros(3), "2-D"),
     (torch.zeros(0, 4), "empty"),
-    ([["a", "b", "c", "d"]], "numeric"),
+    ([["a", "b", "c", "d"]], "not numbers"),
 ])
 def test_bad_data_gives_a_clear_value_error(bad: object, match: str) -> None:
     model = FactorAnalysis(FactorAnalysisConfig(4, 1))
@@ -326,10 +326,13 @@ def test_fa_experiment_fixed_model_reports_the_analytic_gap(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--dataset", "nope"], "invalid choice"),
+    (["--dataset", "nope"], "unknown dataset 'nope'; valid datasets:"),
     (["--guide", "nope"], "unknown guide 'nope'; valid guides:"),
-    (["--latent-dim", "40", "--dataset", "wine"], "--latent-dim must be between 1 and 12"),
-    (["--epochs", "0"], "expected an integer >= 1"),
+    (["--latent-dim", "40", "--dataset", "wine"], "--latent-dim: must be between 1 and 12"),
+    (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
+    (["--lr", "-1"], "--lr: must be a finite number > 0, got -1.0"),
+    (["--dataset", "binarized_mnist"], "'binarized_mnist' lacks continuous data"),
+    (["--guide", "exact,householder:4,nope"], "unknown guide 'nope'"),
 ])
 def test_fa_experiment_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      argv: list[str], match: str) -> None:

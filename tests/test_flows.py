@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from pyro import poutine
+from torch.autograd.functional import jacobian
+
 from pyro_lvm.guides import FLOWS, GuideConfig, build_guide
 from pyro_lvm.models import VAE, VAEConfig
-from torch.autograd.functional import jacobian
+from pyro_lvm.runtime import local_params
 
 N, K = 4, 3
 
@@ -30,7 +32,8 @@ def test_log_q_is_base_minus_autograd_log_dets(spec: str) -> None:
     x = (torch.rand(N, 6, generator=torch.Generator().manual_seed(1)) < 0.5).double()
 
     torch.manual_seed(123)
-    tr = poutine.trace(guide).get_trace(x)
+    with local_params(model, guide):
+        tr = poutine.trace(guide).get_trace(x)
     site = tr.nodes["z"]
     z_elbo, log_q_elbo = site["value"], site["fn"].log_prob(site["value"])  # what Trace_ELBO scores
 

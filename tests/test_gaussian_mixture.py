@@ -12,14 +12,15 @@ import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+
+from pyro_lvm.data import DataConfig, load_dataset
+from pyro_lvm.evaluate import EvalConfig, evaluate
 from pyro_lvm.experiments import gaussian_mixture as gmm_experiment
 from pyro_lvm.experiments.cli import run_main
 from pyro_lvm.guides import GuideConfig, build_guide
 from pyro_lvm.models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from pyro_lvm.models.gaussian_mixture import component_order, make_mixture_data, reorder
-
-from pyro_lvm.data import DataConfig, load_dataset
-from pyro_lvm.evaluate import EvalConfig, evaluate
+from pyro_lvm.runtime import local_params
 from pyro_lvm.train import ELBOS, TrainConfig, fit
 
 GLOBAL_GUIDES = ["map", "meanfield", "fullrank", "lowrank:2", "auto-iaf:2"]
@@ -59,14 +60,16 @@ def test_collapsed_and_enumerated_give_the_same_elbo(covariance: str, guide_name
     collapsed, x = _model("collapsed", covariance)
     enumerated, _ = _model("enumerated", covariance)
     guide = build_guide(guide_name, collapsed, GuideConfig())
-    guide(x)  # build its parameters at the k-means++ start ...
+    with local_params(guide):
+        guide(x)  # build its parameters at the k-means++ start ...
     with torch.no_grad():  # ... then move them somewhere generic
         for p in guide.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    pyro.set_rng_seed(3)
-    a = Trace_ELBO(max_plate_nesting=1).differentiable_loss(collapsed, guide, x)
-    pyro.set_rng_seed(3)
-    b = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(enumerated, guide, x)
+    with local_params(collapsed, enumerated, guide):  # the suite's models keep their own parameters
+        pyro.set_rng_seed(3)
+        a = Trace_ELBO(max_plate_nesting=1).differentiable_loss(collapsed, guide, x)
+        pyro.set_rng_seed(3)
+        b = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(enumerated, guide, x)
     assert abs(a.item() - b.item()) < 1e-6 * max(1.0, abs(a.item())), (a.item(), b.item())
 
 
@@ -99,8 +102,9 @@ def test_every_global_guide_trains_every_scheme(assignments: str, covariance: st
     model, x = _model(assignments, covariance, k=2, x=make_mixture_data(40, 2, 2, seed=1)[0])
     guide = build_guide(guide_name, model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
     elbo = ELBOS[model.default_elbo](max_plate_nesting=1)
-    elbo.differentiable_loss(model, guide, x)  # builds the autoguide's parameters
-    loss = elbo.differentiable_loss(model, guide, x)
+    with local_params(model, guide):
+        elbo.differentiable_loss(model, guide, x)  # builds the autoguide's parameters
+        loss = elbo.differentiable_loss(model, guide, x)
     assert torch.isfinite(loss)
     loss.backward()
     missing = [n for n, p in guide.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -134,7 +138,7 @@ def test_fitted_means_recover_the_truth_within_their_standard_errors() -> None:
     """700 training points from 3 known components: after matching labels, every coordinate of every
     fitted mean lies within 4.5 standard errors sqrt(Σ_k,dd / n_k) of the truth (P(|N(0,1)| > 4.5) ≈ 7e-6
     per coordinate, so a fit that recovers the means passes with near certainty)."""
-    cfg = gmm_experiment.GMMExperimentConfig(dataset="synthetic", restarts=1)
+    cfg = gmm_experiment.GMMExperimentConfig(dataset="synthetic_mixture", restarts=1)
     cfg.train.epochs = 400
     ds = load_dataset("synthetic_mixture", DataConfig(seed=0, split=cfg.split, dtype=torch.float64,
                                                       num_points=1000, data_dim=2, num_components=3))
@@ -145,7 +149,7 @@ def test_fitted_means_recover_the_truth_within_their_standard_errors() -> None:
 
 
 def test_amortized_assignment_guide_leaves_a_small_gap_on_separated_data() -> None:
-    cfg = gmm_experiment.GMMExperimentConfig(dataset="synthetic", assignments="amortized", restarts=1)
+    cfg = gmm_experiment.GMMExperimentConfig(dataset="synthetic_mixture", assignments="amortized", restarts=1)
     cfg.train.epochs = 300
     ds = load_dataset("synthetic_mixture", DataConfig(seed=0, split=cfg.split, dtype=torch.float64,
                                                       num_points=600, data_dim=2, num_components=3))
@@ -162,7 +166,6 @@ def test_categorical_iwae_rises_with_k_toward_the_exact_likelihood() -> None:
     model, x = _model("amortized")
     pyro.set_rng_seed(0)
     guide = build_guide("map", model, GuideConfig(hidden=(8,)))
-    guide(x)
     gaps = []
     for k in (1, 3, 30, 300):
         pyro.set_rng_seed(0)
@@ -183,7 +186,7 @@ def test_label_order_is_by_weight() -> None:
 
 
 def test_bad_input_gives_clear_errors() -> None:
-    with pytest.raises(ValueError, match="number of components must be >= 1"):
+    with pytest.raises(ValueError, match="num_components: must be an integer >= 1, got 0"):
         GaussianMixture(GaussianMixtureConfig(2, 0))
     model, x = _model()
     with pytest.raises(ValueError, match="2 points cannot fit 3 components"):
@@ -192,12 +195,14 @@ def test_bad_input_gives_clear_errors() -> None:
         model.init_from_data(torch.tensor([[float("nan"), 0.0]] * 5))
     with pytest.raises(ValueError, match="expected 2 features"):
         evaluate(model, build_guide("map", model), torch.zeros(4, 3))
-    with pytest.raises(ValueError, match="unknown covariance type 'spherical'; valid covariance types: diag, full"):
+    with pytest.raises(ValueError, match="covariance: unknown value 'spherical'; valid: diag, full"):
         GaussianMixture(GaussianMixtureConfig(2, 3, covariance="spherical"))
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--components", "0"], "expected an integer >= 1"),
+    (["--components", "0"], "--components: must be an integer >= 1, got 0"),
+    (["--assignments", "enumerated", "--elbo", "trace"], "'trace' cannot train this gaussian_mixture model"),
+    (["--assignments", "amortized", "--elbo", "meanfield"], "usable: tracegraph, trace"),
     (["--components", "200"], "105 training points cannot fit 200 components"),
     (["--guide", "amortized"], "guide 'amortized' cannot be used here"),
     (["--assignments", "sampled"], "invalid choice"),
@@ -241,7 +246,7 @@ def test_experiment_end_to_end_with_tiny_flags(tmp_path: Path) -> None:
 
 
 def test_experiment_amortized_on_synthetic_reports_recovery(tmp_path: Path) -> None:
-    gmm_experiment.main(["--dataset", "synthetic", "--assignments", "amortized", "--guide", "map", "--epochs", "3",
+    gmm_experiment.main(["--dataset", "synthetic_mixture", "--assignments", "amortized", "--guide", "map", "--epochs", "3",
                          "--restarts", "1", "--num-points", "200", "--iwae-k", "4", "--output", str(tmp_path),
                          "--quiet"])
     row = json.loads((tmp_path / "results.json").read_text())["results"][0]

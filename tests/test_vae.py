@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
+
+from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
 from pyro_lvm.experiments import vae as vae_experiment
 from pyro_lvm.guides import FLOWS, GuideConfig, build_guide
 from pyro_lvm.models import VAE, VAEConfig
-
-from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
+from pyro_lvm.runtime import local_params
 from pyro_lvm.train import TrainConfig, fit
 
 
@@ -91,11 +93,12 @@ def test_jit_training_matches_trace_setup_and_leaves_no_global_state(spec: str) 
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
     guide = build_guide(spec, model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
     before = [p.detach().clone() for p in guide.parameters()]
+    store_before = dict(pyro.get_param_store().items())
     r = fit(model, guide, x, None, TrainConfig(epochs=3, batch_size=20, warmup_epochs=2, elbo="jit", quiet=True))
     assert all(math.isfinite(h["train_loss"]) for h in r.history)
     assert any(not torch.equal(b, p) for b, p in zip(before, guide.parameters(), strict=True))
-    assert len(pyro.get_param_store()) == 0
-    assert pyro.settings.get("module_local_params") is True
+    assert dict(pyro.get_param_store().items()).keys() == store_before.keys()  # the caller's store, untouched
+    assert pyro.settings.get("module_local_params") is False  # Pyro's default, which the library never changes
 
 
 def test_vae_experiment_end_to_end_on_500_images(tmp_path: Path, fake_mnist: Path) -> None:
@@ -120,6 +123,9 @@ def test_vae_experiment_end_to_end_on_500_images(tmp_path: Path, fake_mnist: Pat
 
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"
+#: the hash published beside the file (../shared/data/README.md)
+SHARED_MNIST_SHA256 = (re.search(r"sha256[^\n]*?([0-9a-f]{64})", (REAL_MNIST.parent / "README.md").read_text()).group(1)
+                       if REAL_MNIST.is_file() else None)
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_file(), reason="the real binarized MNIST is not beside the repository")
@@ -127,7 +133,11 @@ def test_vae_experiment_on_real_mnist_subset(tmp_path: Path) -> None:
     code = vae_experiment.main(["--subset", "500", "--epochs", "1", "--hidden", "16", "--latent-dim", "4",
                                 "--iwae-k", "4", "--output", str(tmp_path), "--quiet"])
     res = json.loads((tmp_path / "results.json").read_text())
-    assert code == 0 and res["data"] == {"train": 500, "valid": 500, "test": 500, "dim": 784}
+    data = res["data"]
+    assert code == 0 and (data["train"], data["valid"], data["test"], data["dim"]) == (500, 500, 500, 784)
+    # provenance: the file read, its hash as published beside it, and the split sizes
+    assert data["provenance"]["sha256"] == SHARED_MNIST_SHA256
+    assert data["provenance"]["splits"] == {"train": 500, "valid": 500, "test": 500}
 
 
 def test_vae_experiment_on_digits_uses_gaussian_decoder(tmp_path: Path) -> None:
@@ -179,7 +189,8 @@ def test_every_guide_trains_every_decoder(spec: str, setup: str) -> None:
     x = _binary(8, d) if kw["decoder"] == "bernoulli" else torch.randn(8, d)
     model = VAE(VAEConfig(data_dim=d, latent_dim=3, hidden=(8,), **kw))
     guide = build_guide(spec, model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
-    loss = Trace_ELBO().differentiable_loss(model, guide, x)
+    with local_params(model, guide):
+        loss = Trace_ELBO().differentiable_loss(model, guide, x)
     assert torch.isfinite(loss)
     loss.backward()
     named = list(model.named_parameters()) + list(guide.named_parameters())

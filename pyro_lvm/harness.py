@@ -1,0 +1,273 @@
+"""One harness for every experiment: for each guide, build, fit, evaluate, report.
+
+An experiment is an :class:`Experiment` (registered in :data:`EXPERIMENTS`) with a config dataclass that
+extends :class:`ExperimentConfig`; it overrides the hooks it needs (``build``, ``baselines``, ``extras``,
+``figures``, ...) and :func:`run_experiment` does the rest, in this order:
+
+1. every guide spec is parsed and checked against the model's traits (and the estimator against the
+   model) — before any data are loaded or any guide trained;
+2. the data: a registered data set (``dataset``, checked against the experiment's required tags) or the
+   user's own file (``data``), with its provenance;
+3. baselines; then for each guide, under one seed: build, fit (or restore from an earlier run), evaluate
+   on the test split, add the experiment's extras, save the fit (``checkpoints/<guide>/fitted.pt``, loadable
+   with :func:`pyro_lvm.load`) and rewrite ``results.json`` atomically, so finished guides are never lost;
+4. figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
+from pyro_lvm.data import DataConfig, Dataset, dataset_entry, dataset_names, load_dataset, load_file
+from pyro_lvm.evaluate import EvalConfig, evaluate, public
+from pyro_lvm.guides import GuideConfig, check_guide
+from pyro_lvm.models.base import LatentModel, ModelTraits
+from pyro_lvm.registry import Registry
+from pyro_lvm.report import payload, plot_training_curves, write_results
+from pyro_lvm.runtime import DEVICES, default_dtype, seeded, threads
+from pyro_lvm.saving import load as load_fitted
+from pyro_lvm.saving import save as save_fitted
+from pyro_lvm.train import FitResult, TrainConfig, fit, load_checkpoint, resolve_elbo
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings every experiment shares (each experiment's config adds its own fields)."""
+
+    #: a registered data set (``pyro-lvm --help`` lists them)
+    dataset: str = ""
+    #: the user's own data file (.csv, .npy, .npz, .parquet), used instead of ``dataset``
+    data: str | None = None
+    #: columns of a --data table to use, by name or index (default: all)
+    columns: tuple[str, ...] = ()
+    #: guide specs NAME[:K] to fit and compare
+    guides: tuple[str, ...] = ("amortized",)
+    #: one seed fixes the data split, the initialisation and every sample
+    seed: int = 0
+    #: directory for results.json, results.md, figures and checkpoints
+    output: str = "runs/experiment"
+    #: no progress bars or per-guide lines
+    quiet: bool = False
+    #: torch threads (command line default: 1, see the README on threads)
+    threads: int | None = None
+    #: cpu, cuda, mps or auto
+    device: str | None = None
+    #: importance samples per test point for IWAE-K
+    iwae_k: int = 1000
+    #: skip training: load each guide's fit from this earlier run's output directory
+    from_checkpoints: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.guides = tuple(s.strip() for s in self.guides if s.strip())
+        self.columns = tuple(self.columns)
+        if not self.guides:
+            raise ConfigError("guides", "give at least one guide name")
+        check_config(self, positive_int=("iwae_k", "threads"))
+        check_choice(self, "device", DEVICES)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
+        if self.data is None and not self.dataset:
+            raise ConfigError("dataset", "give a data set name or a --data file")
+
+
+class Experiment:
+    """Hooks of one study; :func:`run_experiment` calls them. Override what differs, nothing else."""
+
+    #: the experiment's name (``pyro-lvm NAME``); set by :func:`register_experiment`
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ExperimentConfig]] = ExperimentConfig
+    #: every data set used must carry all of these tags
+    required_tags: ClassVar[frozenset[str]] = frozenset()
+    #: default dtype for the run (float64 where closed forms are compared to ~1e-12)
+    dtype: ClassVar[torch.dtype] = torch.float32
+    #: TrainConfig fields exposed as flags (the rest keep the experiment's defaults)
+    train_flags: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "num_particles")
+    #: one-line description for ``pyro-lvm --help``
+    summary: ClassVar[str] = ""
+
+    # ------------------------------------------------------------------ before any data
+    def model_traits(self, cfg: Any) -> ModelTraits:
+        raise NotImplementedError
+
+    def estimator(self, cfg: Any) -> str | None:
+        """The ELBO estimator the run asks for (``None``: the model's default)."""
+        return cfg.train.elbo
+
+    # ------------------------------------------------------------------ data
+    def data_config(self, cfg: Any) -> DataConfig:
+        return DataConfig(seed=cfg.seed, dtype=self.dtype)
+
+    def check_data(self, cfg: Any, ds: Dataset) -> None:
+        """Data-dependent checks of the config (e.g. latent_dim below the data's width)."""
+
+    def test_split(self, cfg: Any, ds: Dataset) -> torch.Tensor:
+        return ds.test
+
+    # ------------------------------------------------------------------ per guide
+    def build(self, cfg: Any, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
+        raise NotImplementedError
+
+    def guide_config(self, cfg: Any) -> GuideConfig:
+        return GuideConfig()
+
+    def train_config(self, cfg: Any, spec: str, output: str) -> TrainConfig:
+        return dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet, output=output, device=cfg.device)
+
+    def fit(self, cfg: Any, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+            train_cfg: TrainConfig) -> tuple[LatentModel, Any, FitResult]:
+        """Fit one guide; may replace model and guide (restarts keep the best). Returns what to evaluate."""
+        return model, guide, fit(model, guide, ds.train, ds.valid, train_cfg)
+
+    def eval_config(self, cfg: Any) -> EvalConfig:
+        return EvalConfig(iwae_k=cfg.iwae_k, seed=cfg.seed)
+
+    def extras(self, cfg: Any, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+               fr: FitResult) -> dict[str, Any]:
+        """Experiment-specific entries of a results row; a ``test`` dict joins the test metrics."""
+        return {}
+
+    def baselines(self, cfg: Any, ds: Dataset) -> list[dict[str, Any]]:
+        return []
+
+    def figures(self, cfg: Any, ds: Dataset, fitted: dict[str, tuple[LatentModel, Any]],
+                histories: dict[str, list[dict[str, float]]]) -> None:
+        plot_training_curves(histories, Path(cfg.output) / "training_curves.png",
+                             title=f"{self.name} on {source_name(cfg)}")
+
+    def describe(self, row: dict[str, Any]) -> str:
+        t = row["test"]
+        return f"{row['guide']:>18}: ELBO {t['elbo']:.3f}  IWAE-{t.get('iwae_k')} {t['iwae']:.3f}"
+
+
+EXPERIMENTS: Registry[Experiment] = Registry("experiment")
+
+
+def register_experiment(name: str) -> Any:
+    """Class decorator: register an instance of an :class:`Experiment` subclass under ``name``."""
+
+    def decorate(cls: type[Experiment]) -> type[Experiment]:
+        cls.name = name
+        EXPERIMENTS.register(name, origin=(cls.__module__, cls.__qualname__))(cls())
+        return cls
+
+    return decorate
+
+
+def source_name(cfg: ExperimentConfig) -> str:
+    return Path(cfg.data).name if cfg.data else cfg.dataset
+
+
+def guide_tag(spec: str) -> str:
+    """A guide spec as a file name: ``planar:10`` -> ``planar_10``."""
+    return spec.replace(":", "_")
+
+
+def preflight(experiment: Experiment, cfg: ExperimentConfig) -> None:
+    """Everything that can be checked without data: guides fit the model, the estimator fits the model,
+    the data set exists and carries the tags this experiment needs, the output directory is usable."""
+    traits = experiment.model_traits(cfg)
+    for spec in cfg.guides:
+        check_guide(spec, traits)
+    name = experiment.estimator(cfg) or traits.default_elbo
+    if name not in traits.elbos:
+        note = f" ({traits.elbo_note})" if traits.elbo_note else ""
+        raise ConfigError("elbo", f"{name!r} cannot train this {traits.name} model{note}; usable: "
+                          f"{', '.join(traits.elbos)}")
+    if cfg.data is None:
+        missing = experiment.required_tags - dataset_entry(cfg.dataset).tags
+        if missing:
+            raise ConfigError("dataset", f"{cfg.dataset!r} lacks {', '.join(sorted(missing))} data; usable here: "
+                              f"{', '.join(dataset_names(experiment.required_tags))}, or --data FILE")
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output", f"{out} exists and is not a directory; choose another --output")
+    if cfg.from_checkpoints and not Path(cfg.from_checkpoints).is_dir():
+        raise ConfigError("from_checkpoints", f"{cfg.from_checkpoints} is not a directory (the --output of an "
+                          "earlier run)")
+
+
+def load_data(experiment: Experiment, cfg: ExperimentConfig) -> Dataset:
+    data_cfg = experiment.data_config(cfg)
+    if cfg.data is not None:
+        return load_file(cfg.data, data_cfg, columns=list(cfg.columns) or None)
+    return load_dataset(cfg.dataset, data_cfg)
+
+
+def restore(experiment: Experiment, cfg: Any, ds: Dataset, spec: str, model: LatentModel,
+            guide: Any) -> tuple[LatentModel, Any, FitResult]:
+    """Load a guide's fit from an earlier run (``fitted.pt``, else its ``best.pt``/``last.pt``) instead of training."""
+    directory = Path(cfg.from_checkpoints) / "checkpoints" / guide_tag(spec)
+    fitted, best, last = directory / "fitted.pt", directory / "best.pt", directory / "last.pt"
+    history = torch.load(last, weights_only=False).get("history", []) if last.is_file() else []
+    fr = FitResult(history=history, train_seconds=history[-1]["seconds"] if history else 0.0)
+    if fitted.is_file():
+        f = load_fitted(fitted, device=cfg.device or "cpu")
+        if f.model.data_dim != ds.data_dim:
+            raise ValueError(f"{fitted}: the saved model has {f.model.data_dim} features, the data {ds.data_dim}")
+        return f.model, f.guide, fr
+    if not (best.is_file() or last.is_file()):
+        raise FileNotFoundError(f"no checkpoint at {fitted}, {best} or {last}; train first, or point "
+                                "--from-checkpoints at the --output directory of an earlier run with the same guides")
+    ckpt = load_checkpoint(best if best.is_file() else last, model, guide)
+    fr.best_epoch = ckpt.get("epoch", 0)
+    return model, guide, fr
+
+
+def run_experiment(experiment: Experiment, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run ``experiment`` with ``cfg``; returns the ``results.json`` payload (also written to ``cfg.output``)."""
+    preflight(experiment, cfg)
+    with default_dtype(experiment.dtype), threads(cfg.threads):
+        return _run(experiment, cfg)
+
+
+def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
+    ds = load_data(experiment, cfg)
+    experiment.check_data(cfg, ds)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = experiment.test_split(cfg, ds)
+    baselines = experiment.baselines(cfg, ds)
+    results: list[dict[str, Any]] = []
+    histories: dict[str, list[dict[str, float]]] = {}
+    fitted: dict[str, tuple[LatentModel, Any]] = {}
+    doc: dict[str, Any] = {}
+    data_info = {**ds.sizes(), "test": len(test), "provenance": ds.provenance()}
+    for spec in cfg.guides:
+        ckpt_dir = out_dir / "checkpoints" / guide_tag(spec)
+        with seeded(cfg.seed):  # one seed: the same initialisation whatever ran before
+            model, guide = experiment.build(cfg, ds, spec)
+        train_cfg = experiment.train_config(cfg, spec, str(ckpt_dir))
+        resolve_elbo(model, train_cfg.elbo)
+        if cfg.from_checkpoints:
+            model, guide, fr = restore(experiment, cfg, ds, spec, model, guide)
+        else:
+            model, guide, fr = experiment.fit(cfg, ds, spec, model, guide, train_cfg)
+        metrics = public(evaluate(model, guide, test, experiment.eval_config(cfg)))
+        row: dict[str, Any] = {"guide": spec, "test": metrics, "train_seconds": fr.train_seconds,
+                               "seconds_per_epoch": fr.seconds_per_epoch, "best_epoch": fr.best_epoch,
+                               "epochs_run": len(fr.history), "best_valid_elbo": fr.best_valid_elbo,
+                               "guide_parameters": sum(p.numel() for p in getattr(guide, "parameters", list)())}
+        extra = experiment.extras(cfg, ds, spec, model, guide, fr)
+        metrics.update(extra.pop("test", {}))  # extra per-point metrics join the test columns
+        row.update(extra)
+        row["config"] = {"seed": cfg.seed, "elbo": fr.elbo or train_cfg.elbo, "train": to_dict(train_cfg),
+                         "model": to_dict(model.config), "guide": to_dict(getattr(guide, "guide_config", None)),
+                         "fitted": str(ckpt_dir / "fitted.pt")}
+        if not cfg.from_checkpoints:
+            save_fitted(ckpt_dir / "fitted.pt", model, guide, data=ds, meta={"experiment": experiment.name})
+        results.append(row)
+        histories[spec], fitted[spec] = fr.history, (model, guide)
+        doc = payload(experiment.name, source_name(cfg), to_dict(cfg), data_info, results, baselines)
+        write_results(out_dir, doc)  # after every guide: a long run never loses a finished guide
+        if not cfg.quiet:
+            print(f"{experiment.describe(row)}  ({fr.train_seconds:.1f}s)", file=sys.stderr)
+    experiment.figures(cfg, ds, fitted, histories)
+    return doc
