@@ -1,6 +1,15 @@
 """Runnable studies: ``python -m pyro_lvm.experiments.<name>`` or ``pyro-lvm <name>``.
 
-Importing this package registers every experiment in :data:`pyro_lvm.harness.EXPERIMENTS`.
+Importing this package imports no study (so ``python -m pyro_lvm.experiments.vae`` runs the module once);
+:func:`load_all` imports every one, which registers it in :data:`pyro_lvm.harness.EXPERIMENTS`.
 """
 
-from . import factor_analysis, gaussian_mixture, quickstart, vae  # noqa: F401  (registers)
+import importlib
+
+#: the modules that define experiments (each registers one with ``@register_experiment``)
+MODULES = ("factor_analysis", "gaussian_mixture", "vae")
+
+
+def load_all() -> None:
+    for name in MODULES:
+        importlib.import_module(f"{__name__}.{name}")

@@ -13,7 +13,9 @@ def overview() -> str:
     from pyro_lvm.harness import EXPERIMENTS
     from pyro_lvm.models import MODELS
 
-    from . import quickstart
+    from . import load_all, quickstart
+
+    load_all()
 
     lines = ["usage: pyro-lvm EXPERIMENT [flags]   (pyro-lvm EXPERIMENT --help for its flags)", "", "experiments:"]
     lines += [f"  {name:<18} {EXPERIMENTS[name].summary}" for name in EXPERIMENTS]
@@ -31,8 +33,10 @@ def overview() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from pyro_lvm.harness import EXPERIMENTS
 
-    from . import quickstart
+    from . import load_all, quickstart
     from .cli import run_cli, run_main
+
+    load_all()
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):

@@ -137,11 +137,13 @@ def parse_config(experiment: Experiment, argv: Sequence[str] | None) -> Experime
         p.error(f"{flag(e.field)}: {e.reason}")
 
 
-def run_cli(experiment_name: str, argv: Sequence[str] | None = None) -> int:
+def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> int:
     """``pyro-lvm NAME [flags]``: parse, run, print the table; user errors are one line and exit 2."""
-    from pyro_lvm import experiments  # noqa: F401 - registers every experiment
+    if isinstance(experiment, str):
+        from pyro_lvm.experiments import load_all
 
-    experiment = EXPERIMENTS[experiment_name]
+        load_all()
+        experiment = EXPERIMENTS[experiment]
 
     def main() -> int:
         cfg = parse_config(experiment, argv)

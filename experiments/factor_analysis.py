@@ -177,7 +177,7 @@ class FactorAnalysisExperiment(Experiment):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("factor_analysis", argv)
+    return run_cli(FactorAnalysisExperiment(), argv)
 
 
 if __name__ == "__main__":

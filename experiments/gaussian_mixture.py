@@ -292,7 +292,7 @@ class GaussianMixtureExperiment(Experiment):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("gaussian_mixture", argv)
+    return run_cli(GaussianMixtureExperiment(), argv)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def plot_vae_figures(model: VAE, guide: Any, ds: Dataset, test: torch.Tensor, pr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("vae", argv)
+    return run_cli(VAEExperiment(), argv)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,10 @@ class GlobalGuide(PyroModule):
         model = self._model[0]
         x = model.data_loc.unsqueeze(0) if x is None else x
         with local_params(self, self._model[0]):
-            self.globals(x)  # builds the prototype if this guide has never run
+            if getattr(self.globals, "prototype_trace", None) is None:
+                state = torch.get_rng_state()  # building the prototype draws initial weights: not the caller's draws
+                self.globals(x)
+                torch.set_rng_state(state)
             return {k: v.detach() for k, v in self.globals.median(x).items()}
 
     def posterior(self, x: object) -> dist.Categorical:

@@ -155,7 +155,8 @@ def register_experiment(name: str) -> Any:
 
     def decorate(cls: type[Experiment]) -> type[Experiment]:
         cls.name = name
-        EXPERIMENTS.register(name, origin=(cls.__module__, cls.__qualname__))(cls())
+        if cls.__module__ != "__main__":  # run as a script (python -m ...), the module's main uses it directly
+            EXPERIMENTS.register(name, origin=(cls.__module__, cls.__qualname__))(cls())
         return cls
 
     return decorate

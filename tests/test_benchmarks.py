@@ -16,7 +16,12 @@ def test_step_time_benchmark_runs_and_reports_ratios(tmp_path: Path, fake_mnist:
                                "--eval-points", "8", "--data-dir", str(fake_mnist), "--output", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert code == 0 and (tmp_path / "results.md").is_file()
-    assert res["timing"] and all(v["ratio_to_plain"] > 0 for v in res["timing"].values())
+    timing = res["timing"]
+    assert set(timing) == {"plain_pytorch", "pyro_trace", "pyro_jit"} and timing["plain_pytorch"]["ratio_to_plain"] == 1
+    plain = timing["plain_pytorch"]["seconds_per_step"]
+    for v in timing.values():  # every ratio is its path's step time over plain PyTorch's, one per round
+        assert v["ratio_to_plain"] == pytest.approx(v["seconds_per_step"] / plain, rel=1e-12)
+        assert len(v["ratio_per_round"]) == 1
     assert res["iwae_evaluation"]["points_evaluated"] == 8
 
 

@@ -1,0 +1,78 @@
+"""The evaluation layer (``pyro_lvm.evaluate``): bounds per point, chunking, seeds, inputs and checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_lvm import ConfigError, EvalConfig, build_guide, evaluate
+from pyro_lvm.data import make_factor_analysis_data
+from pyro_lvm.evaluate import active_units, per_point_bounds
+from pyro_lvm.guides import GuideConfig
+from pyro_lvm.models import FactorAnalysis, FactorAnalysisConfig
+from pyro_lvm.runtime import seeded
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def _model() -> tuple[FactorAnalysis, torch.Tensor]:
+    x, _ = make_factor_analysis_data(60, 5, 2, seed=3)
+    with seeded(0):
+        model = FactorAnalysis(FactorAnalysisConfig(5, 2))
+    model.init_from_data(x)
+    return model, x
+
+
+def test_chunking_does_not_change_the_bounds() -> None:
+    """Points x samples are drawn in chunks of at most max_rows; with the exact guide every weight is p(x), so
+    any chunking gives the same per-point numbers, and with an approximate guide the mean over the same number of
+    samples agrees within Monte Carlo error."""
+    model, x = _model()
+    exact = build_guide("exact", model)
+    a = per_point_bounds(model, exact, x, num_samples=40, max_rows=10_000)
+    b = per_point_bounds(model, exact, x, num_samples=40, max_rows=7)  # one point, 7 samples at a time
+    torch.testing.assert_close(a["iwae"], b["iwae"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(a["elbo"], b["elbo"], rtol=0, atol=1e-9)
+
+
+def test_a_seed_fixes_the_evaluation_and_elbo_is_reconstruction_minus_kl() -> None:
+    model, x = _model()
+    guide = build_guide("amortized", model, GuideConfig(hidden=()))
+    one = evaluate(model, guide, x, iwae_k=20, seed=5)
+    two = evaluate(model, guide, x, iwae_k=20, seed=5)
+    other = evaluate(model, guide, x, iwae_k=20, seed=6)
+    assert one["elbo"] == two["elbo"] and one["iwae"] == two["iwae"] and one["elbo"] != other["elbo"]
+    assert one["elbo"] == pytest.approx(one["reconstruction"] - one["kl"], abs=1e-9)
+    assert one["elbo"] <= one["iwae"] <= one["exact_log_likelihood"] + 1e-9
+    assert one["gap_elbo"] == pytest.approx(one["exact_log_likelihood"] - one["elbo"], abs=1e-12)
+    assert one["num_points"] == len(x) and one["per_point"]["iwae"].shape == (len(x),)
+
+
+def test_numpy_float32_input_and_the_models_dtype() -> None:
+    model, x = _model()
+    guide = build_guide("exact", model)
+    m = evaluate(model, guide, x.numpy().astype(np.float32), iwae_k=2, seed=0)
+    assert math.isfinite(m["elbo"]) and m["gap_elbo"] == pytest.approx(0, abs=1e-5)  # float32 input, float64 model
+
+
+def test_active_units_counts_dimensions_whose_mean_varies() -> None:
+    z = torch.stack([torch.linspace(-1, 1, 50), torch.full((50,), 3.0), 0.01 * torch.randn(50)], -1)
+    assert active_units(z, threshold=0.01) == 1 and active_units(z[:1]) == 0
+
+
+@pytest.mark.parametrize("field,value", [("iwae_k", 0), ("max_rows", -1), ("posterior_samples", 0),
+                                         ("active_threshold", -0.1), ("threads", 0)])
+def test_eval_config_refuses_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        EvalConfig(**{field: value})
+
+
+def test_evaluation_restores_train_mode_and_the_callers_rng() -> None:
+    model, x = _model()
+    guide = build_guide("amortized", model, GuideConfig(hidden=()))
+    state = torch.get_rng_state()
+    evaluate(model, guide, x, iwae_k=3, seed=0)
+    assert torch.equal(state, torch.get_rng_state()) and model.training and guide.training
