@@ -6,9 +6,9 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 #: (key in a row's "test" dict, column title); rows lacking a key show "—"
 COLUMNS: list[tuple[str, str]] = [
@@ -57,14 +57,15 @@ def results_table(payload: Mapping[str, Any]) -> str:
     return f"### {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, fsync, then rename it into place: a reader (or a
-    crash) sees the old file or the new one, never half of one."""
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it into place: a reader
+    (or a crash, or ``kill -9``) sees the old file or the new one, never half of one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,6 +73,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def write_results(output: str | Path, payload: Mapping[str, Any]) -> dict[str, Path]:

@@ -12,8 +12,6 @@ so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +22,7 @@ from pyro import poutine
 from pyro_lvm.config import from_dict, to_dict
 from pyro_lvm.models.base import LatentModel
 from pyro_lvm.registry import MODELS
+from pyro_lvm.report import atomic_write
 from pyro_lvm.runtime import local_params, resolve_device
 
 FORMAT = "pyro_lvm.fitted/1"
@@ -45,20 +44,8 @@ class Fitted(NamedTuple):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` written atomically (:func:`pyro_lvm.report.atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _cpu(state: dict[str, Any]) -> dict[str, Any]:

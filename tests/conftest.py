@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lvm.runtime import default_dtype
+from pyro_lvm.runtime import cli_threads, default_dtype
+
+# The suite is the caller here, so it may choose torch's thread count: one thread (or $PYRO_LVM_THREADS), the
+# command line's default, because torch's own default oversubscribes a 2-core machine that another job shares
+# (README, "Threads"); subprocess tests set OMP_NUM_THREADS=1 themselves.
+torch.set_num_threads(cli_threads(None))
 
 
 @pytest.fixture

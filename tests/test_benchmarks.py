@@ -42,3 +42,12 @@ def test_fullcov_ablation_frozen_cholesky_is_the_diagonal_guide(tmp_path: Path, 
 def test_fullcov_ablation_rejects_unknown_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert fullcov_ablation.run_main(fullcov_ablation.main, ["--variants", "nope", "--output", str(tmp_path)]) == 2
     assert "valid: diagonal" in capsys.readouterr().err
+
+
+def test_threads_benchmark_runs_and_reports_both_counts(tmp_path: Path) -> None:
+    from benchmarks import threads
+
+    assert threads.main(["--steps", "2", "--rounds", "1", "--output", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for d in res["results"].values():
+        assert d["speedup_2_over_1"] == pytest.approx(d["threads_1_ms"] / d["threads_2_ms"], rel=1e-12)

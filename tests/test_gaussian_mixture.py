@@ -247,7 +247,7 @@ def test_experiment_end_to_end_with_tiny_flags(tmp_path: Path) -> None:
 
 def test_experiment_amortized_on_synthetic_reports_recovery(tmp_path: Path) -> None:
     gmm_experiment.main(["--dataset", "synthetic_mixture", "--assignments", "amortized", "--guide", "map",
-                         "--epochs", "3", "--restarts", "1", "--num-points", "200", "--iwae-k", "4", "--output", str(tmp_path),
-                         "--quiet"])
+                         "--epochs", "3", "--restarts", "1", "--num-points", "200", "--iwae-k", "4",
+                         "--output", str(tmp_path), "--quiet"])
     row = json.loads((tmp_path / "results.json").read_text())["results"][0]
     assert "recovery" in row and row["test"]["assignment_gap"] >= 0
