@@ -24,7 +24,7 @@ import torch
 
 from pyro_lvm.config import ConfigError, check_choice, check_config
 from pyro_lvm.data import DataConfig, Dataset
-from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.guides import GuideConfig
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models import MODELS, FactorAnalysis
 from pyro_lvm.models.base import LatentModel, ModelTraits
@@ -145,13 +145,16 @@ class FactorAnalysisExperiment(Experiment):
         ds.meta["sklearn_estimate"] = est  # --fix-model holds each guide's model there
         return [row]
 
-    def build(self, cfg: FAExperimentConfig, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
+    def build_model(self, cfg: FAExperimentConfig, ds: Dataset) -> LatentModel:
         cls = MODELS[cfg.model]
         model = cls(cls.Config(ds.data_dim, cfg.latent_dim))
         model.init_from_data(ds.train)
         if cfg.fix_model:
             FIXED_MODELS[cfg.fix_model](model, ds.meta["sklearn_estimate"], cfg.seed)
-        return model, build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
+        return model
+
+    def guide_config(self, cfg: FAExperimentConfig) -> GuideConfig:
+        return GuideConfig(hidden=cfg.encoder_hidden)
 
     def train_config(self, cfg: FAExperimentConfig, spec: str, output: str) -> TrainConfig:
         return dataclasses.replace(super().train_config(cfg, spec, output), train_model=not cfg.fix_model,

@@ -103,9 +103,13 @@ def final_loss(fr: FitResult) -> float:
 
 def build_mixture(cfg: GMMExperimentConfig, ds: Dataset, spec: str, restart: int) -> tuple[GaussianMixture,
                                                                                         GlobalGuide]:
-    model = GaussianMixture(GaussianMixtureConfig(ds.data_dim, cfg.components, cfg.covariance, cfg.assignments))
-    model.init_from_data(ds.train, seed=cfg.seed + restart)
-    return model, build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
+    """Restart ``restart``'s model (k-means++ seeded by ``seed + restart``) and guide, each from that seed."""
+    seed = cfg.seed + restart
+    with seeded(seed):
+        model = GaussianMixture(GaussianMixtureConfig(ds.data_dim, cfg.components, cfg.covariance, cfg.assignments))
+        model.init_from_data(ds.train, seed=seed)
+    with seeded(seed):
+        return model, build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
 
 
 def fit_with_restarts(cfg: GMMExperimentConfig, ds: Dataset, spec: str,
@@ -119,11 +123,7 @@ def fit_with_restarts(cfg: GMMExperimentConfig, ds: Dataset, spec: str,
     best_loss = math.inf
     fits: list[FitResult] = []
     for r in range(cfg.restarts):
-        if r == 0 and first is not None:
-            model, guide = first
-        else:
-            with seeded(cfg.seed + r):
-                model, guide = build_mixture(cfg, ds, spec, r)
+        model, guide = first if r == 0 and first is not None else build_mixture(cfg, ds, spec, r)
         fr = fit(model, guide, ds.train, ds.valid, dataclasses.replace(
             train_cfg, seed=cfg.seed + r, output=f"{train_cfg.output}/restart{r}" if train_cfg.output else None))
         fits.append(fr)
@@ -250,8 +250,8 @@ class GaussianMixtureExperiment(Experiment):
     def baselines(self, cfg: GMMExperimentConfig, ds: Dataset) -> list[dict[str, Any]]:
         return [sklearn_baseline(ds, cfg)]
 
-    def build(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
-        return build_mixture(cfg, ds, spec, 0)
+    def build(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str, seed: int) -> tuple[LatentModel, Any]:
+        return build_mixture(cfg, ds, spec, seed - cfg.seed)
 
     def train_config(self, cfg: GMMExperimentConfig, spec: str, output: str) -> TrainConfig:
         return dataclasses.replace(super().train_config(cfg, spec, output), elbo=cfg.elbo)

@@ -22,7 +22,7 @@ import torch
 
 from pyro_lvm.config import check_choice, check_config
 from pyro_lvm.data import DataConfig, Dataset
-from pyro_lvm.guides import GuideConfig, build_guide
+from pyro_lvm.guides import GuideConfig
 from pyro_lvm.harness import Experiment, ExperimentConfig, guide_tag, register_experiment
 from pyro_lvm.models import DECODERS, PRIORS, VAE, VAEConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
@@ -96,14 +96,15 @@ class VAEExperiment(Experiment):
             test = test[keep]
         return test
 
-    def build(self, cfg: VAEExperimentConfig, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
+    def build_model(self, cfg: VAEExperimentConfig, ds: Dataset) -> LatentModel:
         decoder = cfg.decoder or ("bernoulli" if ds.binary else "gaussian")
         model = VAE(VAEConfig(data_dim=ds.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, decoder=decoder,
                               architecture=cfg.architecture, activation=cfg.activation, prior=cfg.prior))
         model.validate(ds.train, name=f"{ds.name} train split")
-        guide = build_guide(spec, model, GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden,
-                                                     activation=cfg.activation))
-        return model, guide
+        return model
+
+    def guide_config(self, cfg: VAEExperimentConfig) -> GuideConfig:
+        return GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden, activation=cfg.activation)
 
     def train_config(self, cfg: VAEExperimentConfig, spec: str, output: str) -> TrainConfig:
         base = super().train_config(cfg, spec, output)

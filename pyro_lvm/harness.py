@@ -28,6 +28,7 @@ from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
 from pyro_lvm.data import DataConfig, Dataset, dataset_entry, dataset_names, load_dataset, load_file
 from pyro_lvm.evaluate import EvalConfig, evaluate, public
 from pyro_lvm.guides import GuideConfig, check_guide
+from pyro_lvm.guides import build_guide as make_guide
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
 from pyro_lvm.report import payload, plot_training_curves, write_results
@@ -112,8 +113,20 @@ class Experiment:
         return ds.test
 
     # ------------------------------------------------------------------ per guide
-    def build(self, cfg: Any, ds: Dataset, spec: str) -> tuple[LatentModel, Any]:
+    def build_model(self, cfg: Any, ds: Dataset) -> LatentModel:
         raise NotImplementedError
+
+    def build_guide(self, cfg: Any, spec: str, model: LatentModel) -> Any:
+        return make_guide(spec, model, self.guide_config(cfg))
+
+    def build(self, cfg: Any, ds: Dataset, spec: str, seed: int) -> tuple[LatentModel, Any]:
+        """Model and guide, each initialised from ``seed`` on its own: changing the guide never changes the
+        model's initial values (and vice versa), and every guide of a run starts from the same model."""
+        with seeded(seed):
+            model = self.build_model(cfg, ds)
+        with seeded(seed):
+            guide = self.build_guide(cfg, spec, model)
+        return model, guide
 
     def guide_config(self, cfg: Any) -> GuideConfig:
         return GuideConfig()
@@ -243,8 +256,7 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
     data_info = {**ds.sizes(), "test": len(test), "provenance": ds.provenance()}
     for spec in cfg.guides:
         ckpt_dir = out_dir / "checkpoints" / guide_tag(spec)
-        with seeded(cfg.seed):  # one seed: the same initialisation whatever ran before
-            model, guide = experiment.build(cfg, ds, spec)
+        model, guide = experiment.build(cfg, ds, spec, cfg.seed)  # the same start whatever ran before
         train_cfg = experiment.train_config(cfg, spec, str(ckpt_dir))
         resolve_elbo(model, train_cfg.elbo)
         if cfg.from_checkpoints:

@@ -63,6 +63,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result gets the mode a plain open() would give
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

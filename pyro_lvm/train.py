@@ -222,8 +222,9 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     result = FitResult(elbo=elbo_name)
     best_state = _state(model, guide)
     best_score, since_best, last_good = -math.inf, 0, None
-    # minibatch order: its own generator, seeded from the (possibly seeded) global RNG
-    gen = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+    # minibatch order: its own generator, from the fit's seed (else drawn from the caller's RNG)
+    order_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
+    gen = torch.Generator().manual_seed(order_seed)
     # a traced graph is specialised to its input shape, so the JIT drops a last, smaller minibatch
     steps_per_epoch = n // batch if elbo_name == "jit" else math.ceil(n / batch)
     quiet = config.quiet or not sys.stderr.isatty()
