@@ -23,7 +23,7 @@ from pyro_lvm.config import ConfigError
 from pyro_lvm.harness import EXPERIMENTS, Experiment, ExperimentConfig, run_experiment
 from pyro_lvm.registry import UnknownNameError
 from pyro_lvm.report import results_table
-from pyro_lvm.runtime import cli_threads
+from pyro_lvm.runtime import DEVICES, cli_threads
 from pyro_lvm.train import TrainConfig, TrainingError
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
@@ -107,8 +107,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: A
         tp, default = hints[f.name], getattr(defaults, f.name)
         help_text = docs.get(f.name, "")
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        told = "default" in help_text  # the comment already says what the default means
         kwargs: dict[str, Any] = {"dest": f.name, "default": default,
-                                  "help": f"{help_text} (default: {shown})" if help_text else f"default: {shown}"}
+                                  "help": help_text if told else f"{help_text} (default: {shown})".strip()}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -127,7 +128,8 @@ def parse_config(experiment: Experiment, argv: Sequence[str] | None) -> Experime
     cls, defaults = experiment.Config, experiment.Config()
     p = ArgumentParser(prog=f"pyro-lvm {experiment.name}", description=sys.modules[type(experiment).__module__].__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    top = add_config_arguments(p, cls, defaults, choices=getattr(experiment, "choices", None))
+    choices = {"device": lambda: list(DEVICES), **getattr(experiment, "choices", {})}
+    top = add_config_arguments(p, cls, defaults, choices=choices)
     train = add_config_arguments(p, TrainConfig, defaults.train, only=experiment.train_flags, exclude=top)
     ns = p.parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""Factor analysis (or PPCA) fitted by SVI with each guide, against the exact answer and scikit-learn.
+r"""Factor analysis (or PPCA) fitted by SVI with each guide, against the exact answer and scikit-learn.
 
     python -m pyro_lvm.experiments.factor_analysis --dataset breast_cancer --latent-dim 5 \
         --guide exact,amortized,amortized-fullcov --seed 0 --output runs/fa

@@ -1,6 +1,6 @@
-"""Gaussian mixtures fitted by SVI with each global guide, against scikit-learn's EM.
+r"""Gaussian mixtures fitted by SVI with each global guide, against scikit-learn's EM.
 
-    python -m pyro_lvm.experiments.gaussian_mixture --dataset iris --components 3 --covariance full \\
+    python -m pyro_lvm.experiments.gaussian_mixture --dataset iris --components 3 --covariance full \
         --assignments collapsed --guide map,meanfield,fullrank,auto-iaf --seed 0 --output runs/gmm_iris
 
 For each guide: several k-means++-seeded restarts (the best final training ELBO is kept), then the

@@ -1,4 +1,4 @@
-"""VAEs with swappable variational families, evaluated by the papers' protocol.
+r"""VAEs with swappable variational families, evaluated by the papers' protocol.
 
     python -m pyro_lvm.experiments.vae --dataset binarized_mnist --guide amortized,planar:10,iaf:2 \
         --epochs 100 --iwae-k 5000 --output runs/vae_mnist

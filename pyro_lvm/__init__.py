@@ -18,6 +18,7 @@ from pyro_lvm.config import ConfigError
 from pyro_lvm.data import DataConfig, Dataset, from_array, load_dataset, load_file
 from pyro_lvm.evaluate import EvalConfig, evaluate
 from pyro_lvm.guides import GUIDES, GuideConfig, build_guide
+from pyro_lvm.inspect import to_inference_data
 from pyro_lvm.models import MODELS, LatentModel
 from pyro_lvm.registry import UnknownNameError
 from pyro_lvm.runtime import local_params
@@ -49,4 +50,5 @@ __all__ = [
     "ConfigError", "DataConfig", "Dataset", "EvalConfig", "FitResult", "Fitted", "GUIDES", "GuideConfig", "MODELS",
     "LatentModel", "TrainConfig", "TrainingError", "UnknownNameError", "__version__", "build_guide", "build_model",
     "evaluate", "fit", "from_array", "load", "load_dataset", "load_file", "local_params", "save",
+    "to_inference_data",
 ]

@@ -10,6 +10,11 @@ log w_k = log p(x, z_k) − log q(z_k|x):
 
 Samples are drawn in chunks of at most ``max_rows`` (points × samples) so memory stays bounded for any K.
 
+Each point's K log-weights are also Pareto-smoothed (PSIS, Vehtari et al. 2024, by ArviZ's ``psislw``): the
+shape k̂ of the generalized Pareto fit to the largest weights says whether the importance-sampling
+estimates can be trusted (k̂ < 0.5: finite variance; 0.5-0.7: usable; > 0.7: too heavy-tailed, the
+proposal q(z|x) misses mass of p(z|x)), and the smoothed weights give a PSIS-corrected posterior mean.
+
 How the bounds are computed is the model's choice (``model.evaluator``, a name in :data:`EVALUATORS`):
 ``importance`` samples a continuous local latent as above; ``mixture`` handles a discrete assignment
 and global latents (see :func:`mixture_bounds`).
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -83,6 +89,18 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def importance_traces(model: LatentModel, guide: Any, x: torch.Tensor, num_samples: int) -> tuple[Any, Any]:
+    """(guide trace, model trace) for ``num_samples`` draws z ~ q(z|x) per point, the model replayed on them.
+
+    The draws sit in a particle plate at dim -2, left of the shared data plate (dim -1), so every site
+    has batch shape (S, N). Run it with the model's and guide's parameters local (as :func:`log_weight_terms`).
+    """
+    with pyro.plate("particles", num_samples, dim=-2):
+        guide_tr = poutine.trace(guide).get_trace(x)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
+    return guide_tr, model_tr
+
+
 def log_weight_terms(
     model: LatentModel, guide: Any, x: torch.Tensor, num_samples: int
 ) -> dict[str, torch.Tensor]:
@@ -92,11 +110,14 @@ def log_weight_terms(
     local latents ``z`` (S, N, k). Uses Pyro traces under a particle plate at dim -2, so any model and
     guide that share the data plate at dim -1 are scored the same way the ELBO sees them.
     """
-    with local_params(model, guide), pyro.plate("particles", num_samples, dim=-2):
-        guide_tr = poutine.trace(guide).get_trace(x)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
-    shape = (num_samples, x.shape[0])
-    out = {k: x.new_zeros(shape) for k in ("log_lik", "log_prior", "log_q")}
+    with local_params(model, guide):
+        guide_tr, model_tr = importance_traces(model, guide, x, num_samples)
+    return trace_terms(model, guide_tr, model_tr, (num_samples, x.shape[0]))
+
+
+def trace_terms(model: LatentModel, guide_tr: Any, model_tr: Any, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """:func:`log_weight_terms` from traces made by :func:`importance_traces` (``shape`` = (S, N))."""
+    out = {k: guide_tr.nodes[model.local_site]["value"].new_zeros(shape) for k in ("log_lik", "log_prior", "log_q")}
     for tr, observed_key, latent_key in ((model_tr, "log_lik", "log_prior"), (guide_tr, None, "log_q")):
         for site in tr.nodes.values():
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
@@ -110,18 +131,130 @@ def log_weight_terms(
     return out
 
 
+#: fewest importance samples per point for a Pareto k̂: ArviZ fits the tail to the largest
+#: ceil(min(K/5, 3√K)) weights and needs at least 5 of them (K ≥ 21); with fewer it returns k̂ = inf
+MIN_PSIS_SAMPLES = 21
+
+#: k̂ above which PSIS estimates are unreliable (Vehtari et al. 2024, for sample sizes above ~2,000)
+PARETO_K_THRESHOLD = 0.7
+
+
+def psis_tail_size(num_samples: int) -> int:
+    """How many of the largest of K weights ArviZ's ``psislw`` (``reff=1``) may smooth: ceil(min(K/5, 3√K))."""
+    return min(num_samples, math.ceil(min(num_samples / 5.0, 3.0 * math.sqrt(num_samples))))
+
+
+def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Pareto-smoothed log importance weights and the Pareto shape k̂ of each column of ``log_w`` (K, P).
+
+    ArviZ's ``az.psislw(·, reff=1.0, normalize=False)`` over the K draws of each of the P points (the draws
+    are independent, so the relative efficiency is 1). Returns the smoothed, *unnormalised* log-weights on
+    the input's scale (K, P) in float64 — only the largest :func:`psis_tail_size` of each column can change —
+    and k̂ (P,) in float64. Two cases get no Pareto fit and keep their raw weights:
+
+    * K < :data:`MIN_PSIS_SAMPLES`: too few draws for a tail fit; k̂ = NaN (not estimated).
+    * a column whose weights are equal to within rounding (max − min ≤ √eps · max(1, |max|) in the input's
+      dtype), as for the exact posterior: the weights are constant, the tail has no shape, and the fit would
+      see only rounding noise (a few tied values, from which ArviZ returns anything from −2 to inf);
+      k̂ = −inf, the limit of a generalized Pareto tail collapsing onto its end point.
+    """
+    lw = log_w.detach().to(device="cpu", dtype=torch.float64).clone()
+    k_hat = torch.full(lw.shape[1:], math.nan, dtype=torch.float64)
+    if lw.shape[0] < MIN_PSIS_SAMPLES:
+        return lw, k_hat
+    top = lw.max(0).values
+    tol = math.sqrt(torch.finfo(log_w.dtype).eps) * top.abs().clamp_min(1.0)
+    constant = (top - lw.min(0).values) <= tol
+    k_hat[constant] = -math.inf
+    fit = ~constant
+    if bool(fit.any()):
+        import arviz as az  # imported here: importing ArviZ takes seconds and pulls in matplotlib
+
+        with np.errstate(all="ignore"):  # a failed GPD fit (k̂ = inf) divides by zero on the way
+            smoothed, k = az.psislw(lw[:, fit].T.numpy(), reff=1.0, normalize=False)
+        lw[:, fit] = torch.from_numpy(np.ascontiguousarray(smoothed.T))
+        k_hat[fit] = torch.from_numpy(np.atleast_1d(np.asarray(k, dtype=np.float64)))
+    return lw, k_hat
+
+
+class PsisAccumulator:
+    r"""PSIS diagnostics of one chunk of P points whose K draws arrive in chunks of samples.
+
+    :meth:`add` takes each chunk's log-weights (s, P) and draws z (s, P, k); :meth:`finish` returns k̂ (P,)
+    and the PSIS-corrected posterior mean Σ_k w̃_k z_k (P, k), with w̃ the smoothed, normalised weights.
+    The K log-weights of the P points are kept (PSIS needs them all), but of the draws only the
+    :func:`psis_tail_size` largest-weight ones per point, the only ones smoothing can reweight; every other
+    draw is folded into a running sum Σ exp(log w − ref) z as it arrives (``ref``: the running maximum
+    log-weight). So memory stays K × P + (tail + 1) × P × k, whether K fits one chunk or many.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples, self.tail = num_samples, psis_tail_size(num_samples)
+        self.log_w: list[torch.Tensor] = []
+        self.seen = 0
+        self.cand_lw: torch.Tensor | None = None  # (m, P) the largest log-weights so far
+        self.cand_z: torch.Tensor | None = None  # (m, P, k) their draws
+        self.cand_idx: torch.Tensor | None = None  # (m, P) their sample indices
+        self.body: torch.Tensor | None = None  # (P, k) Σ exp(log w − ref) z over every other draw
+        self.ref: torch.Tensor | None = None  # (P,)
+
+    def add(self, log_w: torch.Tensor, z: torch.Tensor) -> None:
+        s, p = log_w.shape
+        log_w, z = log_w.detach().double(), z.detach().double()
+        idx = torch.arange(self.seen, self.seen + s, device=log_w.device).unsqueeze(-1).expand(s, p)
+        self.seen += s
+        self.log_w.append(log_w)
+        if self.cand_lw is None:
+            self.body = z.new_zeros(z.shape[1:])
+            self.ref = log_w.max(0).values
+            all_lw, all_z, all_idx = log_w, z, idx
+        else:
+            all_lw = torch.cat([self.cand_lw, log_w])
+            all_z, all_idx = torch.cat([self.cand_z, z]), torch.cat([self.cand_idx, idx])
+            ref = torch.maximum(self.ref, log_w.max(0).values)
+            self.body = self.body * torch.exp(self.ref - ref).nan_to_num(0.0).unsqueeze(-1)
+            self.ref = ref
+        keep = all_lw.topk(min(self.tail, all_lw.shape[0]), dim=0).indices  # (m, P)
+        rest = torch.ones_like(all_lw, dtype=torch.bool).scatter_(0, keep, False)
+        w_rest = torch.where(rest, torch.exp(all_lw - self.ref), torch.zeros_like(all_lw))
+        self.body = self.body + torch.einsum("sp,spk->pk", w_rest, all_z)
+        self.cand_lw, self.cand_idx = all_lw.gather(0, keep), all_idx.gather(0, keep)
+        self.cand_z = all_z.gather(0, keep.unsqueeze(-1).expand(keep.shape + all_z.shape[-1:]))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k̂ (P,), PSIS-corrected posterior mean (P, k)), both float64."""
+        if self.seen != self.num_samples:
+            raise ValueError(f"PsisAccumulator: expected {self.num_samples} draws per point, got {self.seen}")
+        smoothed, k_hat = psis(torch.cat(self.log_w))
+        smoothed = smoothed.to(self.body.device)
+        log_z = torch.logsumexp(smoothed, 0)  # (P,) normaliser of the smoothed weights
+        w_cand = torch.exp(smoothed.gather(0, self.cand_idx) - log_z)  # (m, P)
+        mean = self.body * torch.exp(self.ref - log_z).unsqueeze(-1) + torch.einsum("mp,mpk->pk", w_cand, self.cand_z)
+        return k_hat, mean
+
+
 @torch.no_grad()
 def per_point_bounds(
     model: LatentModel, guide: Any, x: torch.Tensor, num_samples: int, max_rows: int = 25_000
 ) -> dict[str, torch.Tensor]:
-    """ELBO, IWAE-K, reconstruction, KL and posterior-mean estimates for every point of ``x``."""
+    """ELBO, IWAE-K, reconstruction, KL, posterior means and PSIS diagnostics for every point of ``x``.
+
+    Returns tensors with the points on dim 0: ``elbo``, ``iwae``, ``reconstruction``, ``kl``, ``z_mean``
+    (the guide's Monte Carlo mean of z, (N, k)), ``pareto_k`` (the Pareto k̂ of each point's K log-weights,
+    float64; NaN when K < :data:`MIN_PSIS_SAMPLES`, −inf where the weights are constant: see :func:`psis`)
+    and ``z_mean_psis`` (Σ_k w̃_k z_k with the smoothed, normalised weights w̃; the self-normalised
+    importance-sampling mean where no Pareto fit is made). The PSIS step draws no random numbers, so the
+    bounds for a given seed are those computed without it.
+    """
     n = x.shape[0]
     points = max(1, min(n, max_rows // num_samples))
     samples = max(1, min(num_samples, max_rows // points))
-    result: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "iwae", "reconstruction", "kl", "z_mean")}
+    keys = ("elbo", "iwae", "reconstruction", "kl", "z_mean", "pareto_k", "z_mean_psis")
+    result: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for start in range(0, n, points):
         xb = x[start:start + points]
         lse, sums = [], {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "z_mean": 0.0}
+        acc = PsisAccumulator(num_samples)
         for s0 in range(0, num_samples, samples):
             s = min(samples, num_samples - s0)
             t = log_weight_terms(model, guide, xb, s)
@@ -131,11 +264,33 @@ def per_point_bounds(
             sums["reconstruction"] = sums["reconstruction"] + t["log_lik"].sum(0)
             sums["kl"] = sums["kl"] + (t["log_q"] - t["log_prior"]).sum(0)
             sums["z_mean"] = sums["z_mean"] + t["z"].sum(0)
+            acc.add(log_w, t["z"])
+            del t, log_w
         result["iwae"].append(torch.logsumexp(torch.stack(lse), 0) - math.log(num_samples))
         for k, v in sums.items():
             result[k].append(v / num_samples)
+        k_hat, z_psis = acc.finish()
+        result["pareto_k"].append(k_hat.to(x.device))
+        result["z_mean_psis"].append(z_psis.to(device=x.device, dtype=result["z_mean"][-1].dtype))
+        del acc
         release_freed_memory()
     return {k: torch.cat(v) for k, v in result.items()}
+
+
+def pareto_k_summary(pareto_k: torch.Tensor | None, num_samples: int) -> dict[str, float | None]:
+    """``pareto_k_mean``, ``pareto_k_max`` and ``pareto_k_frac_above_0.7`` of per-point k̂.
+
+    All ``None`` when ``num_samples`` < :data:`MIN_PSIS_SAMPLES`: a tail fit to fewer than 5 of a point's
+    largest weights says nothing (ArviZ returns k̂ = inf there), and even at a few dozen draws k̂ is noisy.
+    Points with constant weights (k̂ = −inf, the exact posterior) count as below the threshold; the mean
+    is then −inf when every point has them.
+    """
+    keys = ("pareto_k_mean", "pareto_k_max", f"pareto_k_frac_above_{PARETO_K_THRESHOLD}")
+    if pareto_k is None or num_samples < MIN_PSIS_SAMPLES or pareto_k.numel() == 0:
+        return dict.fromkeys(keys)
+    k = pareto_k.double()
+    return dict(zip(keys, (k.mean().item(), k.max().item(), (k > PARETO_K_THRESHOLD).double().mean().item()),
+                    strict=True))
 
 
 @EVALUATORS.register("importance")
@@ -214,6 +369,13 @@ def evaluate(
     ``x`` is an array, tensor or DataFrame (points, features) of any float dtype; it is checked and moved
     to the model's dtype and device. ``overrides`` replace fields of ``config`` (``evaluate(m, g, x,
     iwae_k=100, seed=0)``). Runs with module-local Pyro parameters and restores every setting it touches.
+
+    Evaluators that importance-sample a local latent (``importance``) also report the PSIS diagnostics of
+    the per-point weights (:func:`pareto_k_summary`: ``pareto_k_mean``, ``pareto_k_max``,
+    ``pareto_k_frac_above_0.7``; ``None`` when ``iwae_k`` < :data:`MIN_PSIS_SAMPLES`) and keep each point's
+    k̂ in ``per_point["pareto_k"]``. The ``mixture`` evaluator reports none: its weights over θ draws would
+    need the training data and log q(θ), which it does not see (see :func:`pyro_lvm.to_inference_data` for
+    per-point k̂ and PSIS-LOO there).
     """
     config = config or EvalConfig()
     config = dataclasses.replace(config, **overrides) if overrides else config
@@ -234,13 +396,19 @@ def evaluate(
         if hasattr(guide, "train"):
             guide.train(was_training[1])
     z_mean = b.pop("z_mean", None)
+    b.pop("z_mean_psis", None)
+    pareto_k = b.pop("pareto_k", None)
     out: dict[str, Any] = {"elbo": b["elbo"].mean().item(), "iwae": b["iwae"].mean().item(), "iwae_k": config.iwae_k}
     out.update({k: v.mean().item() for k, v in b.items() if k not in out})
     if z_mean is not None:
         out["active_units"] = active_units(z_mean, config.active_threshold)
+    if pareto_k is not None:
+        out.update(pareto_k_summary(pareto_k, config.iwae_k))
     out["exact_log_likelihood"] = None
     out["num_points"] = x.shape[0]
     per_point = {"elbo": b["elbo"], "iwae": b["iwae"]}
+    if pareto_k is not None:
+        per_point["pareto_k"] = pareto_k
     if exact is not None:
         out["exact_log_likelihood"] = exact.mean().item()
         out["gap_elbo"] = out["exact_log_likelihood"] - out["elbo"]

@@ -292,3 +292,17 @@ def test_fa_experiment_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pyt
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_fa_experiment_re_scores_an_earlier_run_from_its_checkpoints(tmp_path: Path) -> None:
+    """--from-checkpoints loads each guide's saved fit (rebuilt from its stored config) instead of training, and
+    the seeded evaluation gives the first run's numbers again."""
+    common = ["--dataset", "wine", "--latent-dim", "2", "--guide", "exact,iaf:2", "--iwae-k", "16", "--quiet"]
+    assert fa_experiment.main([*common, "--epochs", "5", "--output", str(tmp_path / "a")]) == 0
+    again = ["--from-checkpoints", str(tmp_path / "a"), "--output", str(tmp_path / "b")]
+    assert fa_experiment.main([*common, *again]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("a", "b"))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["test"]["elbo"] == pytest.approx(rb["test"]["elbo"], rel=1e-12)
+        assert ra["test"]["exact_log_likelihood"] == pytest.approx(rb["test"]["exact_log_likelihood"], rel=1e-12)
+    assert not (tmp_path / "b" / "checkpoints").exists()  # nothing was trained or saved again

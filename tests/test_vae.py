@@ -173,3 +173,12 @@ def test_every_guide_trains_every_decoder(spec: str, setup: str) -> None:
     named = list(model.named_parameters()) + list(guide.named_parameters())
     missing = [n for n, p in named if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+def test_a_guide_that_does_not_fit_is_refused_before_anything_trains(tmp_path: Path, fake_mnist: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code = vae_experiment.main(["--data-dir", str(fake_mnist), "--guide", "amortized,exact", "--epochs", "1",
+                                "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "guide 'exact' cannot be used here: vae has no closed-form posterior" in err
+    assert not (tmp_path / "run").exists()  # checked before data were loaded or the first guide trained
