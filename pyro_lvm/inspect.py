@@ -1,6 +1,6 @@
 r"""Any fit as ArviZ ``InferenceData``: posterior draws, replicated data, per-point likelihoods, importance weights.
 
-``to_inference_data(model, guide, data)`` draws from the fitted guide for chosen points of ``data`` and writes
+``to_inference_data(model, guide, data)`` draws from the fitted guide for chosen points of ``data`` and collects
 what ArviZ needs to inspect the fit (``az.summary``, ``az.plot_posterior``, ``az.loo``, ``to_netcdf``).
 How a model's draws are made is its ``evaluator``'s entry in :data:`INSPECTORS` (``importance``: a continuous
 local latent z ~ q(z|x); ``mixture``: global latents θ ~ q(θ) and an assignment c per point), so a new model
@@ -41,7 +41,8 @@ class Draws:
 
     ``posterior`` maps a site to (S, ...) with ``dims`` naming its dims after the draw; ``x_rep`` (S, P, D)
     are replicated data; ``log_lik`` (S, P) the per-point log-likelihood; ``log_p``/``log_q`` (S, P) the two
-    halves of each draw's log importance weight; ``coords`` any extra coordinates the dims need.
+    halves of each draw's log importance weight; ``coords`` any extra coordinates the dims need; ``note`` says
+    in one line how the draws were made (stored as the ``draws`` attribute).
     """
 
     posterior: dict[str, np.ndarray]
@@ -183,7 +184,7 @@ def to_inference_data(
     Coordinates: ``point`` (the indices into ``data``), ``latent`` (0..k−1), ``feature`` (``feature_names``,
     else a DataFrame's column names, else 0..D−1), ``component`` (0..K−1, by decreasing weight). Attributes
     of every group: ``model`` (registered name), ``guide`` (``guide.spec``), ``num_samples``, ``seed`` (when
-    given) and the versions of pyro_lvm, Pyro, torch and ArviZ.
+    given), ``draws`` (one line on how they were made) and the versions of pyro_lvm, Pyro, torch and ArviZ.
     """
     import arviz as az
 
@@ -210,8 +211,8 @@ def to_inference_data(
 
     attrs: dict[str, Any] = {
         "model": model.name, "guide": str(getattr(guide, "spec", type(guide).__name__)),
-        "num_samples": num_samples, "pyro_lvm_version": library_version(), "pyro_version": pyro.__version__,
-        "torch_version": torch.__version__, "arviz_version": az.__version__, "draws": draws.note,
+        "num_samples": num_samples, "pyro_lvm_version": str(library_version()), "pyro_version": str(pyro.__version__),
+        "torch_version": str(torch.__version__), "arviz_version": str(az.__version__), "draws": draws.note,
     }
     if seed is not None:
         attrs["seed"] = int(seed)

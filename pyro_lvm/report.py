@@ -23,6 +23,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("reconstruction", "E log p(x|z)"),
     ("kl", "KL"),
     ("active_units", "active units"),
+    ("pareto_k_mean", "mean k̂"),
+    ("pareto_k_frac_above_0.7", "k̂ > 0.7"),
 ]
 
 
@@ -87,7 +89,8 @@ def write_results(output: str | Path, payload: Mapping[str, Any]) -> dict[str, P
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    text = json.dumps(_finite(payload), indent=2, default=_jsonable, allow_nan=False)
+    atomic_write_text(paths["json"], text + "\n")
     atomic_write_text(paths["markdown"], results_table(payload))
     return paths
 
@@ -99,6 +102,18 @@ def new_figure(*, figsize: tuple[float, float], ncols: int = 1) -> tuple[Any, An
 
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(1, ncols)
+
+
+def _finite(v: Any) -> Any:
+    """Strict JSON has no NaN or infinity: such floats become the strings "nan", "inf", "-inf" (e.g. the Pareto
+    k̂ of exactly constant importance weights is -inf), so every JSON reader can load results.json."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, Mapping):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _jsonable(v: Any) -> Any:
