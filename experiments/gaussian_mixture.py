@@ -108,7 +108,6 @@ def build_mixture(cfg: GMMExperimentConfig, ds: Dataset, spec: str, restart: int
     with seeded(seed):
         model = GaussianMixture(GaussianMixtureConfig(ds.data_dim, cfg.components, cfg.covariance, cfg.assignments))
         model.init_from_data(ds.train, seed=seed)
-    with seeded(seed):
         return model, build_guide(spec, model, GuideConfig(hidden=cfg.encoder_hidden))
 
 

@@ -23,7 +23,7 @@ class FactorAnalysisConfig:
     latent_dim: int
     #: lower bound on each noise variance; keeps Heywood cases (Ψ_i -> 0) from diverging
     min_noise: float = 1e-6
-    #: standard deviation of the random initial W (drawn from torch's global RNG, so a seed fixes it)
+    #: standard deviation of the random initial W
     init_scale: float = 0.1
 
     def __post_init__(self) -> None:
@@ -53,7 +53,11 @@ class FactorAnalysis(LatentModel):
         self.config = config
         self.data_dim, self.latent_dim = config.data_dim, config.latent_dim
         D, k = self.data_dim, self.latent_dim
-        self.W = torch.nn.Parameter(config.init_scale * torch.randn(D, k))
+        # W from its own generator, seeded by torch's current seed (``torch.initial_seed()``, which a seeded run
+        # sets): a seed fixes W, and building the model leaves the random stream of what is built next (the
+        # guide) as it was
+        g = torch.Generator().manual_seed(torch.initial_seed())
+        self.W = torch.nn.Parameter(config.init_scale * torch.randn(D, k, generator=g))
         self.mu = torch.nn.Parameter(torch.zeros(D))
         self._init_noise(torch.ones(D))
 
