@@ -32,7 +32,7 @@ def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v + 0.0 if round(v, 3) != 0 else 0.0:.3f}"  # an exact zero prints 0.000, never -0.000
     return str(v)
 
 
