@@ -258,7 +258,7 @@ class GaussianMixtureExperiment(Experiment):
     def fit(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
             train_cfg: TrainConfig) -> tuple[LatentModel, Any, FitResult]:
         model, guide, fr, fits = fit_with_restarts(cfg, ds, spec, (model, guide), train_cfg)
-        self._restarts = fits
+        fr.restarts = fits
         return model, guide, fr
 
     def eval_config(self, cfg: GMMExperimentConfig) -> Any:
@@ -266,7 +266,7 @@ class GaussianMixtureExperiment(Experiment):
 
     def extras(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
                fr: FitResult) -> dict[str, Any]:
-        fits = getattr(self, "_restarts", [fr]) if not cfg.from_checkpoints else [fr]
+        fits = fr.restarts or [fr]
         row: dict[str, Any] = {"restart_final_losses": [final_loss(f) for f in fits if f.history],
                                "restart_seconds": [f.train_seconds for f in fits],
                                "components": component_summary(model, guide, ds)}
@@ -282,12 +282,10 @@ class GaussianMixtureExperiment(Experiment):
         return (f"{row['guide']:>12}: test log p(x|θ̂) {t['exact_log_likelihood']:.4f}  predictive "
                 f"{t['predictive_log_likelihood']:.4f}  ELBO {t['elbo']:.4f}")
 
-    def figures(self, cfg: GMMExperimentConfig, ds: Dataset, fitted: dict[str, tuple[LatentModel, Any]],
-                histories: dict[str, list[dict[str, float]]]) -> None:
-        super().figures(cfg, ds, fitted, histories)
-        for spec, (model, guide) in fitted.items():
-            plot_clusters(model, guide, ds, str(Path(cfg.output) / f"{guide_tag(spec)}_clusters.png"),
-                          f"{ds.name}: {spec}, {cfg.assignments}, {cfg.covariance} covariance")
+    def guide_figures(self, cfg: GMMExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+                      prefix: str) -> None:
+        plot_clusters(model, guide, ds, f"{prefix}_clusters.png",
+                      f"{ds.name}: {spec}, {cfg.assignments}, {cfg.covariance} covariance")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,6 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from pyro_lvm.config import check_choice, check_config
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GuideConfig
-from pyro_lvm.harness import Experiment, ExperimentConfig, guide_tag, register_experiment
+from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models import DECODERS, PRIORS, VAE, VAEConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES
@@ -100,7 +99,6 @@ class VAEExperiment(Experiment):
         decoder = cfg.decoder or ("bernoulli" if ds.binary else "gaussian")
         model = VAE(VAEConfig(data_dim=ds.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, decoder=decoder,
                               architecture=cfg.architecture, activation=cfg.activation, prior=cfg.prior))
-        model.validate(ds.train, name=f"{ds.name} train split")
         return model
 
     def guide_config(self, cfg: VAEExperimentConfig) -> GuideConfig:
@@ -115,12 +113,9 @@ class VAEExperiment(Experiment):
         return (f"{row['guide']:>16}: test ELBO {t['elbo']:.2f}  IWAE-{t['iwae_k']} {t['iwae']:.2f}  "
                 f"KL {t['kl']:.2f}  active {t['active_units']}")
 
-    def figures(self, cfg: VAEExperimentConfig, ds: Dataset, fitted: dict[str, tuple[LatentModel, Any]],
-                histories: dict[str, list[dict[str, float]]]) -> None:
-        super().figures(cfg, ds, fitted, histories)
-        test = self.test_split(cfg, ds)
-        for spec, (model, guide) in fitted.items():
-            plot_vae_figures(model, guide, ds, test, str(Path(cfg.output) / guide_tag(spec)))
+    def guide_figures(self, cfg: VAEExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
+                      prefix: str) -> None:
+        plot_vae_figures(model, guide, ds, self.test_split(cfg, ds), prefix)
 
 
 @torch.no_grad()

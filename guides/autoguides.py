@@ -33,6 +33,7 @@ from torch.distributions import biject_to
 from pyro_lvm.models.base import LatentModel, ModelTraits, data_plate
 from pyro_lvm.nn import Encoder
 from pyro_lvm.runtime import local_params
+from pyro_lvm.saving import materialize
 
 from .config import GuideConfig
 from .registry import register_guide
@@ -164,11 +165,9 @@ class GlobalGuide(PyroModule):
         beyond building the guide's parameters on first use)."""
         model = self._model[0]
         x = model.data_loc.unsqueeze(0) if x is None else x
-        with local_params(self, self._model[0]):
-            if getattr(self.globals, "prototype_trace", None) is None:
-                state = torch.get_rng_state()  # building the prototype draws initial weights: not the caller's draws
-                self.globals(x)
-                torch.set_rng_state(state)
+        if getattr(self.globals, "prototype_trace", None) is None:
+            materialize(model, self)  # builds the parameters without taking the caller's random draws
+        with local_params(self, model):
             return {k: v.detach() for k, v in self.globals.median(x).items()}
 
     def posterior(self, x: object) -> dist.Categorical:

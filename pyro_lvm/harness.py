@@ -35,7 +35,7 @@ from pyro_lvm.report import payload, plot_training_curves, write_results
 from pyro_lvm.runtime import DEVICES, default_dtype, seeded, threads
 from pyro_lvm.saving import load as load_fitted
 from pyro_lvm.saving import save as save_fitted
-from pyro_lvm.train import FitResult, TrainConfig, fit, load_checkpoint, resolve_elbo
+from pyro_lvm.train import FitResult, TrainConfig, check_elbo, fit, load_checkpoint
 
 
 @dataclass
@@ -153,8 +153,14 @@ class Experiment:
 
     def figures(self, cfg: Any, ds: Dataset, fitted: dict[str, tuple[LatentModel, Any]],
                 histories: dict[str, list[dict[str, float]]]) -> None:
+        """The training curves of every guide, then :meth:`guide_figures` for each fitted guide."""
         plot_training_curves(histories, Path(cfg.output) / "training_curves.png",
                              title=f"{self.name} on {source_name(cfg)}")
+        for spec, (model, guide) in fitted.items():
+            self.guide_figures(cfg, ds, spec, model, guide, str(Path(cfg.output) / guide_tag(spec)))
+
+    def guide_figures(self, cfg: Any, ds: Dataset, spec: str, model: LatentModel, guide: Any, prefix: str) -> None:
+        """Figures of one fitted guide, written to files named ``prefix_*.png`` (default: none)."""
 
     def describe(self, row: dict[str, Any]) -> str:
         t = row["test"]
@@ -191,11 +197,7 @@ def preflight(experiment: Experiment, cfg: ExperimentConfig) -> None:
     traits = experiment.model_traits(cfg)
     for spec in cfg.guides:
         check_guide(spec, traits)
-    name = experiment.estimator(cfg) or traits.default_elbo
-    if name not in traits.elbos:
-        note = f" ({traits.elbo_note})" if traits.elbo_note else ""
-        raise ConfigError("elbo", f"{name!r} cannot train this {traits.name} model{note}; usable: "
-                          f"{', '.join(traits.elbos)}")
+    check_elbo(traits, experiment.estimator(cfg))
     if cfg.data is None:
         missing = experiment.required_tags - dataset_entry(cfg.dataset).tags
         if missing:
@@ -259,7 +261,6 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
         ckpt_dir = out_dir / "checkpoints" / guide_tag(spec)
         model, guide = experiment.build(cfg, ds, spec, cfg.seed)  # the same start whatever ran before
         train_cfg = experiment.train_config(cfg, spec, str(ckpt_dir))
-        resolve_elbo(model, train_cfg.elbo)
         if cfg.from_checkpoints:
             model, guide, fr = restore(experiment, cfg, ds, spec, model, guide)
         else:

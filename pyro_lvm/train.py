@@ -27,12 +27,13 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
-from pyro_lvm.models.base import LatentModel
+from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import DEVICES, local_params, module_device, resolve_device, seeded
 from pyro_lvm.runtime import threads as runtime_threads
 
 from .evaluate import EvalConfig, bounds
+from .saving import atomic_torch_save
 
 
 class TraceGraphLoss(TraceGraph_ELBO):
@@ -127,6 +128,8 @@ class FitResult:
     elbo: str = ""
     #: wall time of every optimiser step (loss, backward, update), for benchmarks
     step_seconds: list[float] = field(default_factory=list)
+    #: when this fit was chosen among several (restarts), all of them, itself included
+    restarts: list[FitResult] = field(default_factory=list)
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -145,23 +148,22 @@ class AnnealLatents(Messenger):
             msg["scale"] = msg["scale"] * self.beta
 
 
-def resolve_elbo(model: LatentModel, name: str | None) -> str:
-    """The estimator to train ``model`` with: ``name``, or the model's default; refuses one that would
-    optimise the wrong objective for this model (e.g. ``trace`` on an enumerated site)."""
-    traits = model.traits
+def check_elbo(traits: ModelTraits, name: str | None) -> str:
+    """The estimator to train a model with ``traits``: ``name``, or the model's default; refuses one that would
+    optimise the wrong objective for this model (e.g. ``trace`` on an enumerated site). Needs no data and no
+    parameters, so an experiment checks it before loading anything."""
     name = name or traits.default_elbo
     ELBOS[name]  # noqa: B018 - an unknown name raises, listing the valid ones
     if name not in traits.elbos:
         note = f" ({traits.elbo_note})" if traits.elbo_note else ""
-        raise ValueError(f"elbo: {name!r} cannot train this {traits.name} model{note}; "
-                         f"usable: {', '.join(traits.elbos)}")
+        raise ConfigError("elbo", f"{name!r} cannot train this {traits.name} model{note}; "
+                          f"usable: {', '.join(traits.elbos)}")
     return name
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+def resolve_elbo(model: LatentModel, name: str | None) -> str:
+    """:func:`check_elbo` for a built model."""
+    return check_elbo(model.traits, name)
 
 
 def load_checkpoint(path: str | Path, model: LatentModel, guide: torch.nn.Module) -> dict[str, Any]:
@@ -283,14 +285,14 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
                 if config.restore_best:
                     best_state = _state(model, guide)
                 if out_dir and config.restore_best:
-                    _save(out_dir / "best.pt", {**best_state, "epoch": epoch, "config": to_dict(config)})
+                    atomic_torch_save({**best_state, "epoch": epoch, "config": to_dict(config)}, out_dir / "best.pt")
             else:
                 since_best += 1
         if out_dir and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
             last_good = out_dir / "last.pt"
-            _save(last_good, {**_state(model, guide), "epoch": epoch, "history": result.history,
-                              "optimizer": optim.state_dict() if optim else None,
-                              "config": to_dict(config)})
+            atomic_torch_save({**_state(model, guide), "epoch": epoch, "history": result.history,
+                               "optimizer": optim.state_dict() if optim else None,
+                               "config": to_dict(config)}, last_good)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{row.get('valid_elbo', float('nan')):.3f}")
         if config.patience is not None and since_best >= config.patience:
             break
