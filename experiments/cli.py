@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from pyro_lvm.config import ConfigError
-from pyro_lvm.harness import EXPERIMENTS, Experiment, ExperimentConfig, run_experiment
+from pyro_lvm.harness import EXPERIMENTS, TRAINER_FLAGS, Experiment, ExperimentConfig, run_experiment
 from pyro_lvm.registry import UnknownNameError
 from pyro_lvm.report import results_table
-from pyro_lvm.runtime import DEVICES, cli_threads
-from pyro_lvm.train import TrainConfig, TrainingError
+from pyro_lvm.runtime import ACCELERATORS, cli_threads
+from pyro_lvm.train import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, TrainingError
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnknownNameError, TrainingError)
@@ -128,9 +128,12 @@ def parse_config(experiment: Experiment, argv: Sequence[str] | None) -> Experime
     cls, defaults = experiment.Config, experiment.Config()
     p = ArgumentParser(prog=f"pyro-lvm {experiment.name}", description=sys.modules[type(experiment).__module__].__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"device": lambda: list(DEVICES), **getattr(experiment, "choices", {})}
+    choices = {"accelerator": lambda: list(ACCELERATORS), "strategy": lambda: list(STRATEGIES),
+               "precision": lambda: list(PRECISIONS), "optimizer": OPTIMIZERS.names,
+               **getattr(experiment, "choices", {})}
     top = add_config_arguments(p, cls, defaults, choices=choices)
-    train = add_config_arguments(p, TrainConfig, defaults.train, only=experiment.train_flags, exclude=top)
+    train = add_config_arguments(p, TrainConfig, defaults.train, only=(*experiment.train_flags, *TRAINER_FLAGS),
+                                 exclude=top, choices=choices)
     ns = p.parse_args(argv)
     try:
         train_cfg = dataclasses.replace(defaults.train, **{k: getattr(ns, k) for k in train})
@@ -151,12 +154,19 @@ def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> 
         cfg = parse_config(experiment, argv)
         cfg = dataclasses.replace(cfg, threads=cli_threads(cfg.threads))
         doc = run_experiment(experiment, cfg)
-        if not cfg.quiet:
+        if not cfg.quiet and doc:  # data-parallel runs: only rank 0 has results to show
             print(results_table(doc))
             print(f"results written to {cfg.output}/results.json")
         return 0
 
     return run_main(main)
+
+
+def message(e: BaseException) -> str:
+    """An error's message as one line, with no tensor printed (a library's message may embed one)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    cut = text.find("tensor(")
+    return text if cut < 0 else text[:cut].rstrip(" :,") + " (values omitted)"
 
 
 def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int:
@@ -166,9 +176,16 @@ def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int
     except ConfigError as e:
         print(f"error: {flag(e.field)}: {e.reason}", file=sys.stderr)
         return 2
-    except USER_ERRORS as e:
-        text = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+    except OSError as e:
+        if e.filename is None and not isinstance(e, USER_ERRORS):
+            raise
+        # the system's own file errors ("[Errno 13] Permission denied: 'x'") as what, where, how to fix
+        text = (f"{e.strerror or type(e).__name__} ({e.filename}); check the path and its permissions"
+                if e.filename is not None else message(e))
         print(f"error: {text}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        print(f"error: {message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.config import ConfigError, check_choice, check_config, check_split
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GuideConfig
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
@@ -107,13 +107,13 @@ class FAExperimentConfig(ExperimentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config(self, positive_int=("latent_dim",))
+        self.encoder_hidden = tuple(self.encoder_hidden)
+        check_config(self, positive_int=("latent_dim",), layers=("encoder_hidden",))
         check_choice(self, "model", FA_MODELS)
         check_choice(self, "fix_model", FIXED_MODELS.names())
         check_choice(self, "keep", ("best", "last"))
         check_choice(self, "elbo", ("trace", "meanfield"))
-        if len(self.split) != 3:
-            raise ConfigError("split", f"expected three fractions train,valid,test, got {self.split}")
+        check_split(self)
 
 
 @register_experiment("factor_analysis")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.config import ConfigError, check_choice, check_config, check_split
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GlobalGuide, GuideConfig, build_guide
 from pyro_lvm.harness import Experiment, ExperimentConfig, guide_tag, register_experiment
@@ -73,13 +73,12 @@ class GMMExperimentConfig(ExperimentConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_config(self, positive_int=("components", "restarts", "posterior_samples", "num_points", "data_dim"),
-                     positive=("separation",))
+                     positive=("separation",), layers=("encoder_hidden",))
         self.encoder_hidden = tuple(self.encoder_hidden)
         check_choice(self, "covariance", COVARIANCES.names())
         check_choice(self, "assignments", ASSIGNMENTS.names())
         check_choice(self, "elbo", ELBOS.names())
-        if len(self.split) != 3:
-            raise ConfigError("split", f"expected three fractions train,valid,test, got {self.split}")
+        check_split(self)
 
 
 def sklearn_baseline(ds: Dataset, cfg: GMMExperimentConfig) -> dict[str, Any]:

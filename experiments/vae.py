@@ -63,7 +63,8 @@ class VAEExperimentConfig(ExperimentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_config(self, positive_int=("latent_dim", "test_subset", "subset"))
+        self.hidden, self.flow_hidden = tuple(self.hidden), tuple(self.flow_hidden)
+        check_config(self, positive_int=("latent_dim", "test_subset", "subset"), layers=("hidden", "flow_hidden"))
         check_choice(self, "decoder", DECODERS.names())
         check_choice(self, "architecture", ARCHITECTURES.names())
         check_choice(self, "activation", ACTIVATIONS)

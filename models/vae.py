@@ -67,12 +67,13 @@ class BernoulliDecoder(nn.Module):
         self.net = _network(config)
 
     def forward(self, z: torch.Tensor) -> Distribution:
-        # data are checked to be 0/1 once at the boundary (validate), not at every step
+        # no per-call validation of the logits (a NaN would print a tensor); the observed data are checked to be
+        # 0/1 by validate, at the library's boundary and again in VAE.forward for callers who bypass it
         return dist.Bernoulli(logits=self.net(z), validate_args=False).to_event(1)
 
     @staticmethod
     def validate(x: torch.Tensor, name: str) -> None:
-        if not ((x == 0) | (x == 1)).all():
+        if bool(torch.count_nonzero(x * (x - 1))):  # 0 exactly where x is 0 or 1 (NaN and inf are not): one pass
             bad = int((~((x == 0) | (x == 1))).any(-1).sum())
             raise ValueError(f"{name}: the Bernoulli decoder needs binary 0/1 data, but {bad} rows have other "
                              "values; binarize the data or use --decoder gaussian")
@@ -162,6 +163,8 @@ class VAE(LatentModel):
         return x
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+        if not torch.jit.is_tracing():  # a plain Pyro loop (SVI + Trace_ELBO) gets the decoder's data check too
+            self.decoder.validate(x, "data")
         prior = self.prior()
         with data_plate(x.shape[0], total_size, x.device):
             z = pyro.sample("z", prior)  # (..., N, k)

@@ -34,11 +34,13 @@ def check_config(
     positive: Iterable[str] = (),
     nonneg: Iterable[str] = (),
     unit: Iterable[str] = (),
+    layers: Iterable[str] = (),
 ) -> None:
     """Check numeric fields of ``cfg`` (``None`` values are skipped: they mean "not set").
 
     ``positive_int``: integers >= 1; ``nonneg_int``: integers >= 0; ``positive``: finite numbers > 0;
-    ``nonneg``: finite numbers >= 0; ``unit``: finite numbers in (0, 1].
+    ``nonneg``: finite numbers >= 0; ``unit``: finite numbers in (0, 1]; ``layers``: sequences of layer
+    sizes, each an integer >= 1 (empty allowed: no hidden layer).
     """
     def value(name: str) -> Any:
         return getattr(cfg, name)
@@ -59,6 +61,24 @@ def check_config(
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not ok(v):
                 raise ConfigError(name, f"must be a finite number {what}, got {v!r}")
+    for name in layers:
+        v = value(name)
+        if v is not None and any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in v):
+            raise ConfigError(name, f"layer sizes must be integers >= 1, got {tuple(v)}")
+
+
+def check_split(cfg: object, name: str = "split") -> None:
+    """``getattr(cfg, name)``: three finite fractions train,valid,test, each >= 0, summing to 1, with train
+    and test > 0 (a fit needs training points; the held-out scores need test points)."""
+    v = tuple(getattr(cfg, name))
+    if len(v) != 3:
+        raise ConfigError(name, f"expected three fractions train,valid,test, got {v}")
+    if any(isinstance(f, bool) or not isinstance(f, int | float) or not math.isfinite(f) or f < 0 for f in v):
+        raise ConfigError(name, f"fractions must be finite numbers >= 0, got {v}")
+    if not math.isclose(sum(v), 1.0, abs_tol=1e-9):
+        raise ConfigError(name, f"fractions must sum to 1, got {v} (sum {sum(v):g})")
+    if v[0] == 0 or v[2] == 0:
+        raise ConfigError(name, f"the train and test fractions must be > 0, got {v}")
 
 
 def check_choice(cfg: object, name: str, choices: Iterable[str]) -> None:

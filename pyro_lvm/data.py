@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from pyro_lvm.checks import check_matrix, is_dataframe, one_line
+from pyro_lvm.config import ConfigError, check_config
 from pyro_lvm.registry import Registry, UnknownNameError
 
 #: environment variable naming the directory that holds binarized MNIST
@@ -50,6 +52,12 @@ class DataConfig:
     #: the user's data (:func:`load_file`): standardize by train statistics unless every value is 0/1;
     #: ``False`` keeps the values as they are
     standardize: bool = True
+
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("subset", "num_points", "data_dim", "latent_dim", "num_components",
+                                         "pca_dim"), positive=("separation",))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,6 +732,53 @@ def mnist_search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
+def _read_mnist_npz(path: Path) -> dict[str, np.ndarray]:
+    """The three splits of ``binarized_mnist.npz`` (packed bits, one row per image) as 0/1 uint8 arrays."""
+    try:
+        with np.load(path) as f:
+            packed = {k: f[k] for k in ("train", "valid", "test") if k in f.files}
+    except Exception as e:  # noqa: BLE001 - not a zip, truncated, pickled objects: one line
+        raise ValueError(f"{path}: cannot read as .npz ({one_line(e)}); expected the keys train, valid, test "
+                         "holding np.packbits(images, axis=1)") from None
+    missing = sorted({"train", "valid", "test"} - set(packed))
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}; expected train, valid, test")
+    out = {}
+    for k, a in packed.items():
+        if a.ndim != 2 or a.dtype != np.uint8 or a.shape[1] * 8 < 784:
+            raise ValueError(f"{path} [{k}]: expected 784-pixel images packed by np.packbits(axis=1) (uint8, at "
+                             f"least 98 bytes a row), got dtype {a.dtype} and shape {a.shape}")
+        out[k] = np.unpackbits(a, axis=1)[:, :784]
+    return out
+
+
+def _read_mnist_amat(path: Path) -> np.ndarray:
+    """One ``.amat`` split: whitespace-separated 0/1 values, 784 a row."""
+    def read(dtype: type) -> np.ndarray:
+        with warnings.catch_warnings():  # an empty file warns, then gives shape (0, 1): reported below
+            warnings.simplefilter("ignore", UserWarning)
+            return np.loadtxt(path, dtype=dtype, ndmin=2)
+
+    try:
+        a = read(np.uint8)  # a 40 MB array for the 50000 training images, not 300 MB of floats
+    except (ValueError, OverflowError):  # "0.5", "-1", "256", ...: read as numbers to say which and where
+        try:
+            a = read(np.float64)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a table of numbers ({one_line(e)}); expected 784 values of 0 or 1 a "
+                             "line") from None
+    if a.shape[1] != 784 or a.shape[0] == 0:
+        raise ValueError(f"{path}: expected rows of 784 pixel values, got shape {a.shape}; supply the "
+                         "binarized_mnist_{train,valid,test}.amat files as distributed (one image a line)")
+    bad = (a != 0) & (a != 1)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(f"{path}: value {a[row, col]:g} at row {row}, column {col} (counting from 0) is not 0 or 1; "
+                         f"{int(bad.any(1).sum())} of {len(a)} images hold values other than 0/1; binarize them first "
+                         "(e.g. x > 0.5), or give the data as --data FILE to model grey levels")
+    return a.astype(np.uint8)
+
+
 def read_binarized_mnist(data_dir: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], Path]:
     """Read the three splits as uint8 0/1 arrays of shape (N, 784) from ``.npz`` or ``.amat`` files."""
     looked: list[str] = []
@@ -731,15 +786,11 @@ def read_binarized_mnist(data_dir: str | os.PathLike | None = None) -> tuple[dic
         npz = d / MNIST_FILE
         looked.append(str(npz))
         if npz.is_file():
-            with np.load(npz) as f:
-                missing = {"train", "valid", "test"} - set(f.files)
-                if missing:
-                    raise ValueError(f"{npz}: missing keys {sorted(missing)}; expected train, valid, test")
-                return {k: np.unpackbits(f[k], axis=1)[:, :784] for k in ("train", "valid", "test")}, npz
+            return _read_mnist_npz(npz), npz
         amats = {k: d / MNIST_AMAT.format(k) for k in ("train", "valid", "test")}
         looked.append(str(d / MNIST_AMAT.format("{train,valid,test}")))
         if all(p.is_file() for p in amats.values()):
-            return {k: np.loadtxt(p, dtype=np.uint8).reshape(-1, 784) for k, p in amats.items()}, d
+            return {k: _read_mnist_amat(p) for k, p in amats.items()}, d
     raise FileNotFoundError(
         "binarized MNIST not found; looked for:\n  " + "\n  ".join(looked)
         + f"\nSupply it with --data-dir DIR or the environment variable {DATA_DIR_ENV}=DIR, where DIR holds "
@@ -753,8 +804,10 @@ def load_binarized_mnist(config: DataConfig) -> Dataset:
     """Static binarized MNIST with its standard 50000/10000/10000 split."""
     arrays, path = read_binarized_mnist(config.data_dir)
     for k, a in arrays.items():
-        if a.ndim != 2 or a.shape[1] != 784 or a.max() > 1:
-            raise ValueError(f"{path} [{k}]: expected 0/1 images of 784 pixels, got shape {a.shape}")
+        if a.ndim != 2 or a.shape[1] != 784 or len(a) == 0:
+            raise ValueError(f"{path} [{k}]: expected images of 784 pixels, got shape {a.shape}")
+        if a.max() > 1:  # the readers give 0/1 already: a guard for readers added later
+            raise ValueError(f"{path} [{k}]: expected 0/1 pixel values, got values up to {a.max()}; binarize first")
     # the files are ordered (the first test images are not representative), so subsets are random
     rng = np.random.default_rng(config.seed)
     t = {k: torch.as_tensor(a[np.sort(rng.permutation(len(a))[: config.subset])] if config.subset else a,

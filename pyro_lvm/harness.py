@@ -17,6 +17,7 @@ extends :class:`ExperimentConfig`; it overrides the hooks it needs (``build``, `
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
+from pyro_lvm.config import ConfigError, check_config, to_dict
 from pyro_lvm.data import DataConfig, Dataset, dataset_entry, dataset_names, load_dataset, load_file
 from pyro_lvm.evaluate import EvalConfig, evaluate, public
 from pyro_lvm.guides import GuideConfig, check_guide
@@ -32,7 +33,8 @@ from pyro_lvm.guides import build_guide as make_guide
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
 from pyro_lvm.report import payload, plot_training_curves, write_results
-from pyro_lvm.runtime import DEVICES, default_dtype, seeded, threads
+from pyro_lvm.runtime import accelerator_device, default_dtype, seeded, threads
+from pyro_lvm.saving import checkpoint_states, fit_differences, materialize, read_checkpoint, state_differences
 from pyro_lvm.saving import load as load_fitted
 from pyro_lvm.saving import save as save_fitted
 from pyro_lvm.train import FitResult, TrainConfig, check_elbo, fit, load_checkpoint
@@ -58,8 +60,6 @@ class ExperimentConfig:
     quiet: bool = False
     #: torch threads (command line default: 1, see the README on threads)
     threads: int | None = None
-    #: cpu, cuda, mps or auto
-    device: str | None = None
     #: importance samples per test point for IWAE-K
     iwae_k: int = 1000
     #: skip training: load each guide's fit from this earlier run's output directory
@@ -72,7 +72,6 @@ class ExperimentConfig:
         if not self.guides:
             raise ConfigError("guides", "give at least one guide name")
         check_config(self, positive_int=("iwae_k", "threads"))
-        check_choice(self, "device", DEVICES)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if self.data is None and not self.dataset:
@@ -89,7 +88,7 @@ class Experiment:
     required_tags: ClassVar[frozenset[str]] = frozenset()
     #: default dtype for the run (float64 where closed forms are compared to ~1e-12)
     dtype: ClassVar[torch.dtype] = torch.float32
-    #: TrainConfig fields exposed as flags (the rest keep the experiment's defaults)
+    #: TrainConfig fields exposed as flags (the rest keep the experiment's defaults; :data:`TRAINER_FLAGS` always are)
     train_flags: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "num_particles")
     #: one-line description for ``pyro-lvm --help``
     summary: ClassVar[str] = ""
@@ -133,7 +132,7 @@ class Experiment:
         return GuideConfig()
 
     def train_config(self, cfg: Any, spec: str, output: str) -> TrainConfig:
-        return dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet, output=output, device=cfg.device)
+        return dataclasses.replace(cfg.train, seed=cfg.seed, quiet=cfg.quiet, output=output)
 
     def fit(self, cfg: Any, ds: Dataset, spec: str, model: LatentModel, guide: Any,
             train_cfg: TrainConfig) -> tuple[LatentModel, Any, FitResult]:
@@ -169,6 +168,9 @@ class Experiment:
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
+#: TrainConfig fields every experiment exposes as flags: where and how Lightning trains
+TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "workers")
+
 
 def register_experiment(name: str) -> Any:
     """Class decorator: register an instance of an :class:`Experiment` subclass under ``name``."""
@@ -203,12 +205,38 @@ def preflight(experiment: Experiment, cfg: ExperimentConfig) -> None:
         if missing:
             raise ConfigError("dataset", f"{cfg.dataset!r} lacks {', '.join(sorted(missing))} data; usable here: "
                               f"{', '.join(dataset_names(experiment.required_tags))}, or --data FILE")
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("output", f"{out} exists and is not a directory; choose another --output")
+    check_output_dir(cfg.output)
     if cfg.from_checkpoints and not Path(cfg.from_checkpoints).is_dir():
         raise ConfigError("from_checkpoints", f"{cfg.from_checkpoints} is not a directory (the --output of an "
                           "earlier run)")
+    for spec in cfg.guides if cfg.from_checkpoints else ():
+        files = checkpoint_files(cfg.from_checkpoints, spec)
+        if not any(p.is_file() for p in files):
+            raise FileNotFoundError(f"no checkpoint at {', '.join(map(str, files))}; train first, or point "
+                                    "--from-checkpoints at the --output of an earlier run with the same guides")
+
+
+def checkpoint_files(run: str, spec: str) -> tuple[Path, Path, Path]:
+    """Where a guide's fit is looked for in an earlier run's output, in order: fitted.pt, best, last."""
+    directory = Path(run) / "checkpoints" / guide_tag(spec)
+    return directory / "fitted.pt", directory / "best.ckpt", directory / "last.ckpt"
+
+
+def check_output_dir(output: str) -> None:
+    """``output`` is a directory this process can write, or can be created: checked before any data are loaded,
+    so a bad ``--output`` costs no training."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output", f"{out} exists and is not a directory; choose another --output")
+    base = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if base is not None and not base.is_dir():
+        raise ConfigError("output", f"cannot create {out}: {base} is a file; choose another --output")
+    if base is not None and not os.access(base, os.W_OK | os.X_OK):
+        what = "write to" if base == out else f"create {out} in"
+        raise ConfigError("output", f"cannot {what} {base} (permission denied); choose a writable --output")
+    if (out / "checkpoints").is_dir() and not os.access(out / "checkpoints", os.W_OK | os.X_OK):
+        raise ConfigError("output", f"cannot write to {out / 'checkpoints'} (permission denied); choose another "
+                          "--output")
 
 
 def load_data(experiment: Experiment, cfg: ExperimentConfig) -> Dataset:
@@ -220,22 +248,39 @@ def load_data(experiment: Experiment, cfg: ExperimentConfig) -> Dataset:
 
 def restore(experiment: Experiment, cfg: Any, ds: Dataset, spec: str, model: LatentModel,
             guide: Any) -> tuple[LatentModel, Any, FitResult]:
-    """Load a guide's fit from an earlier run (``fitted.pt``, else its ``best.pt``/``last.pt``) instead of training."""
-    directory = Path(cfg.from_checkpoints) / "checkpoints" / guide_tag(spec)
-    fitted, best, last = directory / "fitted.pt", directory / "best.pt", directory / "last.pt"
-    history = torch.load(last, weights_only=False).get("history", []) if last.is_file() else []
+    """Load a guide's fit from an earlier run (``fitted.pt``, else its ``best.ckpt``/``last.ckpt``) instead of
+    training."""
+    fitted, best, last = checkpoint_files(cfg.from_checkpoints, spec)
+    history = read_checkpoint(last).get("pyro_lvm", {}).get("history", []) if last.is_file() else []
     fr = FitResult(history=history, train_seconds=history[-1]["seconds"] if history else 0.0)
     if fitted.is_file():
-        f = load_fitted(fitted, device=cfg.device or "cpu")
-        if f.model.data_dim != ds.data_dim:
-            raise ValueError(f"{fitted}: the saved model has {f.model.data_dim} features, the data {ds.data_dim}")
+        f = load_fitted(fitted, device=accelerator_device(cfg.train.accelerator))
+        _refuse_differences(fitted, fit_differences(f, model, guide))
         return f.model, f.guide, fr
     if not (best.is_file() or last.is_file()):
         raise FileNotFoundError(f"no checkpoint at {fitted}, {best} or {last}; train first, or point "
                                 "--from-checkpoints at the --output directory of an earlier run with the same guides")
-    ckpt = load_checkpoint(best if best.is_file() else last, model, guide)
-    fr.best_epoch = ckpt.get("epoch", 0)
+    path = best if best.is_file() else last
+    materialize(model, guide)  # lazily built guide parameters exist before a state dict is loaded into them
+    saved_model, saved_guide = checkpoint_states(read_checkpoint(path))
+    _refuse_differences(path, state_differences(saved_model, model.state_dict(), "model")
+                        + state_differences(saved_guide, guide.state_dict(), "guide"))
+    ckpt = load_checkpoint(path, model, guide)
+    fr.best_epoch = ckpt.get("pyro_lvm", {}).get("history", [{"epoch": 0}])[-1]["epoch"]
     return model, guide, fr
+
+
+def _refuse_differences(path: Path, differences: list[str]) -> None:
+    if differences:
+        raise ConfigError("from_checkpoints", f"{path} was saved by a run with other settings "
+                          f"({'; '.join(differences)}); rerun with the settings of the run that wrote it, or train "
+                          "anew without --from-checkpoints")
+
+
+def check_checkpoints(experiment: Experiment, cfg: Any, ds: Dataset) -> None:
+    """Every guide's saved fit exists and matches what this run builds, before any guide is scored."""
+    for spec in cfg.guides:
+        restore(experiment, cfg, ds, spec, *experiment.build(cfg, ds, spec, cfg.seed))
 
 
 def run_experiment(experiment: Experiment, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -252,6 +297,8 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     test = experiment.test_split(cfg, ds)
     baselines = experiment.baselines(cfg, ds)
+    if cfg.from_checkpoints:
+        check_checkpoints(experiment, cfg, ds)
     results: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, float]]] = {}
     fitted: dict[str, tuple[LatentModel, Any]] = {}
@@ -265,6 +312,8 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
             model, guide, fr = restore(experiment, cfg, ds, spec, model, guide)
         else:
             model, guide, fr = experiment.fit(cfg, ds, spec, model, guide, train_cfg)
+        if fr.rank != 0:  # data-parallel training: the other processes only help fit; rank 0 evaluates and writes
+            continue
         metrics = public(evaluate(model, guide, test, experiment.eval_config(cfg)))
         row: dict[str, Any] = {"guide": spec, "test": metrics, "train_seconds": fr.train_seconds,
                                "seconds_per_epoch": fr.seconds_per_epoch, "best_epoch": fr.best_epoch,
@@ -284,5 +333,6 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
         write_results(out_dir, doc)  # after every guide: a long run never loses a finished guide
         if not cfg.quiet:
             print(f"{experiment.describe(row)}  ({fr.train_seconds:.1f}s)", file=sys.stderr)
-    experiment.figures(cfg, ds, fitted, histories)
+    if fitted:
+        experiment.figures(cfg, ds, fitted, histories)
     return doc

@@ -24,6 +24,8 @@ DEFAULT_THREADS = 1
 
 #: names accepted by ``--device`` / ``device=``; ``auto`` picks cuda, then mps, then cpu
 DEVICES = ("cpu", "cuda", "mps", "auto")
+#: names accepted by ``--accelerator`` / ``accelerator=`` (Lightning's, with ``cuda`` read as ``gpu``)
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 
 @contextmanager
@@ -68,6 +70,11 @@ def cli_threads(n: int | None) -> int:
         return n
     env = os.environ.get("PYRO_LVM_THREADS")
     return int(env) if env and env.isdigit() and int(env) > 0 else DEFAULT_THREADS
+
+
+def accelerator_device(name: str | None) -> torch.device:
+    """The torch device of a Lightning accelerator name (``None``: the CPU)."""
+    return resolve_device({None: "cpu", "gpu": "cuda"}.get(name, name)) or torch.device("cpu")
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device | None:

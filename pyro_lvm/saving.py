@@ -93,6 +93,73 @@ def materialize(model: LatentModel, guide: Any) -> None:
         torch.set_rng_state(state)
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint on the CPU; an unreadable file is one ``ValueError`` line naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, ...: one line
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())}); "
+                         "delete it or point at the --output of a finished run") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a pyro_lvm checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+def checkpoint_states(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state, guide state) of a training checkpoint: Lightning's ``state_dict`` with ``model.``/``guide.``
+    prefixes, or the older ``model``/``guide`` entries."""
+    if isinstance(ckpt.get("state_dict"), dict):
+        state = ckpt["state_dict"]
+        return ({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
+                {k.removeprefix("guide."): v for k, v in state.items() if k.startswith("guide.")})
+    return dict(ckpt.get("model") or {}), dict(ckpt.get("guide") or {})
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def state_differences(saved: dict[str, Any], current: dict[str, Any], what: str, limit: int = 3) -> list[str]:
+    """Parameters that differ in name or shape between a saved state dict and the current one (at most ``limit``,
+    then a count), e.g. ``model parameter decoder.net.0.weight: saved shape (8, 2), this run (16, 2)``."""
+    s, c = _shapes(saved), _shapes(current)
+    out = []
+    for k in sorted(s.keys() | c.keys()):
+        if k not in c:
+            out.append(f"{what} parameter {k}: saved, but not in this run's {what}")
+        elif k not in s:
+            out.append(f"{what} parameter {k}: in this run's {what}, but not saved")
+        elif s[k] != c[k]:
+            out.append(f"{what} parameter {k}: saved shape {s[k]}, this run {c[k]}")
+    return out[:limit] + ([f"and {len(out) - limit} more of the {what}'s parameters"] if len(out) > limit else [])
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], what: str) -> list[str]:
+    """Fields of two :func:`~pyro_lvm.config.to_dict` configs that differ, e.g. ``model.hidden: saved [8], this
+    run [16]``."""
+    return [f"{what}.{k}: saved {saved.get(k)!r}, this run {current.get(k)!r}"
+            for k in [*saved, *(k for k in current if k not in saved)] if saved.get(k) != current.get(k)]
+
+
+def fit_differences(fitted: Fitted, model: LatentModel, guide: Any) -> list[str]:
+    """What differs between a loaded fit and the ``model`` and ``guide`` built now (empty: they match): the
+    model's name and every config field; the guide's spec, and its config where its parameters differ (a field
+    the guide does not use, e.g. flow sizes for a guide without flows, is no difference), else the parameters."""
+    out = []
+    if fitted.meta["model_name"] != type(model).name:
+        return [f"model: saved {fitted.meta['model_name']!r}, this run {type(model).name!r}"]
+    out += config_differences(to_dict(fitted.model.config), to_dict(model.config), "model")
+    if fitted.meta["guide_spec"] != getattr(guide, "spec", None):
+        return [*out, f"guide: saved {fitted.meta['guide_spec']!r}, this run {getattr(guide, 'spec', None)!r}"]
+    materialize(model, guide)
+    structure = state_differences(fitted.guide.state_dict(), guide.state_dict(), "guide")
+    if structure:  # a guide-config field that changes no parameter (unused by this guide) is no difference
+        saved_cfg, this_cfg = (to_dict(getattr(g, "guide_config", None)) or {} for g in (fitted.guide, guide))
+        # with no guide-config field to blame, the model's differences explain the guide's shapes
+        out += config_differences(saved_cfg, this_cfg, "guide") or ([] if out else structure)
+    return out
+
+
 def load(path: str | Path, *, device: str | torch.device | None = "cpu") -> Fitted:
     """Rebuild the model and guide saved by :func:`save` on ``device`` (``None``: cpu); any device can load a
     file written on any other. Raises ``FileNotFoundError`` or ``ValueError`` with what is wrong."""

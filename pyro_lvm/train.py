@@ -8,32 +8,57 @@ of the best state, checkpoints, and a NaN guard that names the epoch and step.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
-import math
-import resource
+import functools
+import importlib.metadata
+import logging
+import os
+import signal
 import sys
-import time
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
 from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
-from tqdm.auto import tqdm
 
 from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
-from pyro_lvm.runtime import DEVICES, local_params, module_device, resolve_device, seeded
+from pyro_lvm.runtime import ACCELERATORS, local_params, module_device, seeded
 from pyro_lvm.runtime import threads as runtime_threads
 
-from .evaluate import EvalConfig, bounds
-from .saving import atomic_torch_save
+from .evaluate import EvalConfig
+
+__all__ = ["ELBOS", "OPTIMIZERS", "AnnealLatents", "FitResult", "TrainConfig", "TrainingError", "check_elbo", "fit",
+           "load_checkpoint", "resolve_elbo"]
+
+
+if TYPE_CHECKING:  # Lightning is imported when a fit starts: a command that only reports a bad flag starts 3 s faster
+    from lightning.pytorch.callbacks import Callback
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: the loss or the parameters became non-finite, or the loss diverged."""
+
+
+class AnnealLatents(Messenger):
+    """Multiply the log-density of the named latent sites by ``beta`` (KL warm-up), in model and guide."""
+
+    def __init__(self, sites: set[str], beta: float = 1.0) -> None:
+        super().__init__()
+        self.sites, self.beta = sites, beta
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"] and self.beta != 1.0:
+            msg["scale"] = msg["scale"] * self.beta
+
 
 
 class TraceGraphLoss(TraceGraph_ELBO):
@@ -53,9 +78,16 @@ ELBOS.register("jit")(JitTrace_ELBO)
 ELBOS.register("tracegraph")(TraceGraphLoss)  # score function with Rao-Blackwellised costs and baselines
 ELBOS.register("traceenum")(TraceEnum_ELBO)  # sums enumerated discrete sites out exactly
 
+#: optimisers by name: ``OPTIMIZERS[name](params, lr=...)``
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS.register("adam")(torch.optim.Adam)
+OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+OPTIMIZERS.register("sgd")(torch.optim.SGD)  # plain gradient steps: the update is proportional to the gradient
 
-class TrainingError(RuntimeError):
-    """Training stopped: the loss or the parameters became non-finite."""
+#: Lightning strategies that train this library's plan (DDP averages gradients over processes)
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "ddp_notebook")
+#: Lightning precisions; ``None`` trains in the model's own dtype
+PRECISIONS = ("64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
 @dataclass
@@ -96,23 +128,44 @@ class TrainConfig:
     seed: int | None = None
     #: torch threads during the fit (``None``: leave the caller's setting)
     threads: int | None = None
-    #: "cpu", "cuda", "mps" or "auto": move model, guide and data there first (``None``: the model's device)
-    device: str | None = None
+    #: optimiser, a name in ``OPTIMIZERS`` (adam, adamw, sgd)
+    optimizer: str = "adam"
+    #: cpu, gpu, mps or auto: where Lightning trains (``None``: where the model is)
+    accelerator: str | None = None
+    #: processes (one per device) that train data-parallel on each node
+    devices: int = 1
+    #: machines that train together (each runs ``devices`` processes)
+    num_nodes: int = 1
+    #: Lightning strategy: auto, ddp, ddp_find_unused_parameters_true or ddp_notebook
+    strategy: str = "auto"
+    #: Lightning precision, e.g. 32-true, 64-true, bf16-mixed (``None``: the model's dtype, no casting)
+    precision: str | None = None
+    #: worker processes that load training minibatches (0: in the training process)
+    workers: int = 0
     #: directory for checkpoints (``None``: no checkpoints)
     output: str | None = None
     #: no progress bar
     quiet: bool = False
     #: stop after this many optimiser steps in total (tests, benchmarks)
     max_steps: int | None = None
+    #: resume from this checkpoint (a ``last.ckpt`` written by an earlier fit of the same model and guide)
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         check_config(self, positive_int=("epochs", "batch_size", "num_particles", "patience", "val_samples",
-                                         "eval_every", "checkpoint_every", "max_steps", "threads"),
-                     nonneg_int=("warmup_epochs",), positive=("lr", "clip_norm", "lr_final_factor"))
+                                         "eval_every", "checkpoint_every", "max_steps", "threads", "devices",
+                                         "num_nodes"),
+                     nonneg_int=("warmup_epochs", "workers"), positive=("lr", "clip_norm", "lr_final_factor"))
         if self.lr_final_factor > 1:
             raise ConfigError("lr_final_factor", f"must be in (0, 1] (the rate decays), got {self.lr_final_factor}")
         check_choice(self, "elbo", ELBOS.names())
-        check_choice(self, "device", DEVICES)
+        check_choice(self, "optimizer", OPTIMIZERS.names())
+        check_choice(self, "accelerator", ACCELERATORS)
+        check_choice(self, "strategy", STRATEGIES)
+        check_choice(self, "precision", PRECISIONS)
+        if self.elbo == "jit" and self.devices * self.num_nodes > 1:
+            raise ConfigError("elbo", "'jit' reads parameters from Pyro's global parameter store and cannot train "
+                              "data-parallel; use 'trace' (the same estimator) with --devices > 1")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError("seed", f"must be an integer or None, got {self.seed!r}")
 
@@ -130,22 +183,14 @@ class FitResult:
     step_seconds: list[float] = field(default_factory=list)
     #: when this fit was chosen among several (restarts), all of them, itself included
     restarts: list[FitResult] = field(default_factory=list)
+    #: the best checkpoint's path (``None`` without an output directory)
+    best_checkpoint: str | None = None
+    #: this process's rank among the data-parallel processes (0: the one that evaluates and writes)
+    rank: int = 0
 
     @property
     def seconds_per_epoch(self) -> float:
         return self.train_seconds / max(1, len(self.history))
-
-
-class AnnealLatents(Messenger):
-    """Multiply the log-density of the named latent sites by ``beta`` (KL warm-up), in model and guide."""
-
-    def __init__(self, sites: set[str], beta: float = 1.0) -> None:
-        super().__init__()
-        self.sites, self.beta = sites, beta
-
-    def _process_message(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"] and self.beta != 1.0:
-            msg["scale"] = msg["scale"] * self.beta
 
 
 def check_elbo(traits: ModelTraits, name: str | None) -> str:
@@ -167,11 +212,16 @@ def resolve_elbo(model: LatentModel, name: str | None) -> str:
 
 
 def load_checkpoint(path: str | Path, model: LatentModel, guide: torch.nn.Module) -> dict[str, Any]:
-    """Restore model and guide parameters from a checkpoint written by :func:`fit`."""
+    """Restore model and guide parameters from a checkpoint written by :func:`fit` (Lightning's ``.ckpt``)."""
     ckpt = torch.load(path, weights_only=False, map_location=module_device(model))
-    model.load_state_dict(ckpt["model"])
-    guide.load_state_dict(ckpt["guide"])
+    state = ckpt["state_dict"]
+    model.load_state_dict(_prefixed(state, "model."))
+    guide.load_state_dict(_prefixed(state, "guide."))
     return ckpt
+
+
+def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _latent_sites(model: LatentModel) -> set[str]:
@@ -179,133 +229,123 @@ def _latent_sites(model: LatentModel) -> set[str]:
 
 
 def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tensor | None, config: TrainConfig,
-         elbo_name: str) -> FitResult:
+         elbo_name: str, user_callbacks: Sequence[Callback] = ()) -> FitResult:
+    from lightning import pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    from .plan import (
+        ArrayDataModule,
+        AtomicCheckpointIO,
+        BestCheckpoint,
+        DivergenceGuard,
+        EarlyStop,
+        KLWarmup,
+        LastCheckpoint,
+        NoProfiler,
+        PeakMemory,
+        SVIPlan,
+        fingerprint,
+        kept,
+        nonfinite_parameters,
+        where,
+    )
+
     n = train.shape[0]
     batch = n if config.batch_size is None else min(int(config.batch_size), n)
-
-    anneal = AnnealLatents(_latent_sites(model))
     jit = {"ignore_jit_warnings": True} if elbo_name == "jit" else {}
     elbo = ELBOS[elbo_name](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
                             max_plate_nesting=1, **jit)
-
-    # beta travels as a keyword so that JitTrace_ELBO (which hashes keywords) retraces when it changes
-    def model_fn(x: torch.Tensor, total_size: int | None = None, beta: float = 1.0) -> None:
-        anneal.beta = beta
-        with anneal:
-            model(x, total_size)
-
-    def guide_fn(x: torch.Tensor, total_size: int | None = None, beta: float = 1.0) -> None:
-        anneal.beta = beta
-        with anneal:
-            guide(x, total_size)
-
-    def loss_fn(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        # total_size as a keyword: JitTrace_ELBO traces tensor arguments and hashes keyword arguments
-        return elbo.differentiable_loss(model_fn, guide_fn, x, total_size=n, beta=beta) / n
-
     if callable(getattr(guide, "init_from_data", None)):
         guide.init_from_data(train)  # data-dependent initialisation of the guide, where it has one
-    loss_fn(train[: min(2, n)])  # creates the lazily built parameters of autoguides
+    val = EvalConfig(iwae_k=config.val_samples, posterior_samples=config.val_samples)
+    plan = SVIPlan(model, guide, elbo, latent_sites=_latent_sites(model), total_size=n, params=[],
+                   optimizer=functools.partial(OPTIMIZERS[config.optimizer], lr=config.lr), lr_gamma=None,
+                   clip_norm=config.clip_norm, val_config=val)
+    plan(train[: min(2, n)])  # creates the lazily built parameters of autoguides, before optimiser and DDP see them
     model_ids = {id(p) for p in model.parameters()}
     params = list(model.parameters()) if config.train_model else []
     if config.train_guide and isinstance(guide, torch.nn.Module):
         params += [p for p in guide.parameters() if id(p) not in model_ids]
-    params = [p for p in params if p.requires_grad]
-    optim = torch.optim.Adam(params, lr=config.lr) if params else None
-    if optim is None:  # nothing to learn (e.g. the exact guide on a fixed model): one pass for the record
-        config = dataclasses.replace(config, epochs=min(config.epochs, 1))
-    decay = None
-    if optim is not None and config.lr_final_factor != 1.0 and config.epochs > 0:
-        decay = torch.optim.lr_scheduler.ExponentialLR(optim, config.lr_final_factor ** (1 / config.epochs))
-
-    out_dir = Path(config.output) if config.output else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    result = FitResult(elbo=elbo_name)
-    best_state = _state(model, guide)
-    best_score, since_best, last_good = -math.inf, 0, None
+    plan._params = params = [p for p in params if p.requires_grad]
+    epochs = config.epochs if params else min(config.epochs, 1)  # nothing to learn: one pass for the record
+    if params and config.lr_final_factor != 1.0:
+        plan._lr_gamma = config.lr_final_factor ** (1 / epochs)
     # minibatch order: its own generator, from the fit's seed (else drawn from the caller's RNG)
     order_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
-    gen = torch.Generator().manual_seed(order_seed)
-    # a traced graph is specialised to its input shape, so the JIT drops a last, smaller minibatch
-    steps_per_epoch = n // batch if elbo_name == "jit" else math.ceil(n / batch)
-    quiet = config.quiet or not sys.stderr.isatty()
-    bar = tqdm(range(1, config.epochs + 1), desc="train", disable=quiet, leave=False)
-    t0 = time.perf_counter()
-    for epoch in bar:
-        beta = min(1.0, epoch / config.warmup_epochs) if config.warmup_epochs > 0 else 1.0
-        perm = (torch.randperm(n, generator=gen) if batch < n else torch.arange(n)).to(train.device)
-        total, count = 0.0, 0
-        for step in range(1, steps_per_epoch + 1):
-            xb = train[perm[(step - 1) * batch: step * batch]]
-            t_step = time.perf_counter()
-            try:
-                loss = loss_fn(xb, beta)
-            except ValueError as e:  # distribution argument checks reject non-finite parameters
-                bad = [name for name, p in _named_parameters(model, guide) if not torch.isfinite(p).all()]
-                if not bad:
-                    raise
-                raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before "
-                                    f"{_where(epoch, step, result.steps)}; the previous step diverged"
-                                    f"{_kept(last_good)}") from e
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at {_where(epoch, step, result.steps)}"
-                                    f"{_kept(last_good)}")
-            if optim is not None:
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-                optim.step()
-            total += loss.item() * len(xb)
-            result.step_seconds.append(time.perf_counter() - t_step)
-            count += len(xb)
-            result.steps += 1
-            if config.max_steps and result.steps >= config.max_steps:
-                break
-        row: dict[str, float] = {"epoch": epoch, "train_loss": total / count, "beta": beta,
-                                 "seconds": time.perf_counter() - t0, "max_rss_mib": _max_rss_mib()}
-        if valid is not None and (epoch % config.eval_every == 0 or epoch == config.epochs):
-            model.eval()
-            if isinstance(guide, torch.nn.Module):
-                guide.eval()
-            val = EvalConfig(iwae_k=config.val_samples, posterior_samples=config.val_samples)
-            row["valid_elbo"] = bounds(model, guide, valid, val)["elbo"].mean().item()
-            model.train()
-            if isinstance(guide, torch.nn.Module):
-                guide.train()
-        result.history.append(row)
-        if decay is not None:
-            decay.step()
-        score = row.get("valid_elbo", -row["train_loss"])
-        # during warm-up the objective is not yet the ELBO, so early stopping waits for it to end
-        if beta == 1.0 and ("valid_elbo" in row or valid is None):
-            if score > best_score:
-                best_score, since_best, result.best_epoch = score, 0, epoch
-                if config.restore_best:
-                    best_state = _state(model, guide)
-                if out_dir and config.restore_best:
-                    atomic_torch_save({**best_state, "epoch": epoch, "config": to_dict(config)}, out_dir / "best.pt")
-            else:
-                since_best += 1
-        if out_dir and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
-            last_good = out_dir / "last.pt"
-            atomic_torch_save({**_state(model, guide), "epoch": epoch, "history": result.history,
-                               "optimizer": optim.state_dict() if optim else None,
-                               "config": to_dict(config)}, last_good)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{row.get('valid_elbo', float('nan')):.3f}")
-        if config.patience is not None and since_best >= config.patience:
-            break
-        if config.max_steps and result.steps >= config.max_steps:
-            break
-    result.train_seconds = time.perf_counter() - t0
-    if best_score > -math.inf and config.restore_best:
-        model.load_state_dict(best_state["model"])
-        if isinstance(guide, torch.nn.Module):
-            guide.load_state_dict(best_state["guide"])
-    result.best_valid_elbo = best_score if valid is not None and best_score > -math.inf else None
-    return result
+    accelerator = _accelerator(config.accelerator, model)
+    data = ArrayDataModule(train, valid, batch=batch, valid_batch=max(1, val.max_rows // val.iwae_k), seed=order_seed,
+                           drop_last=elbo_name == "jit",  # a traced graph is specialised to its input shape
+                           workers=config.workers, pin_memory=accelerator == "gpu" and train.device.type == "cpu")
 
+    out_dir = Path(config.output) if config.output else None
+    scratch = tempfile.TemporaryDirectory(prefix="pyro_lvm_fit_") if out_dir is None and config.restore_best else None
+    ckpt_dir = out_dir or (Path(scratch.name) if scratch else None)
+    monitor = "valid_elbo" if valid is not None else "train_elbo"
+    callbacks: list[Any] = [KLWarmup(config.warmup_epochs), DivergenceGuard(), PeakMemory(), *user_callbacks]
+    best = last = None
+    if config.restore_best and ckpt_dir is not None:
+        best = BestCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                              auto_insert_metric_name=False, enable_version_counter=False)
+        callbacks.append(best)
+    if out_dir is not None:
+        last = LastCheckpoint(out_dir, every_n_epochs=config.checkpoint_every)
+        callbacks.append(last)
+    if config.patience is not None:
+        callbacks.append(EarlyStop(monitor=monitor, mode="max", patience=config.patience, check_finite=False))
+    show_bar = not config.quiet and sys.stderr.isatty()
+    if show_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(data.sampler) // 50)))
+    steps_per_epoch = len(data.sampler)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
+        precision=config.precision, max_epochs=epochs, max_steps=config.max_steps or -1,
+        check_val_every_n_epoch=config.eval_every, num_sanity_val_steps=0,
+        limit_val_batches=None if valid is not None else 0,
+        logger=CSVLogger(out_dir, name="", version="") if out_dir is not None else False,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)), callbacks=callbacks,
+        enable_checkpointing=best is not None or last is not None, enable_progress_bar=show_bar,
+        enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
+        default_root_dir=str(ckpt_dir) if ckpt_dir else None, plugins=[AtomicCheckpointIO()],
+        profiler=NoProfiler())
+    plan.extra_checkpoint_state = {
+        "version": _version(), "train_config": to_dict(config), "elbo": elbo_name,
+        "model": {"name": getattr(model, "name", type(model).__name__),
+                  "config": to_dict(getattr(model, "config", None))},
+        "guide": {"spec": getattr(guide, "spec", type(guide).__name__),
+                  "config": to_dict(getattr(guide, "guide_config", None))},
+        "data": fingerprint(train) if out_dir is not None or config.resume else None}
+    plan.restore_rng = config.seed is not None
+    if config.resume is not None and not Path(config.resume).is_file():
+        raise ConfigError("resume", f"no checkpoint at {config.resume}; give a last.ckpt written by an earlier fit")
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(plan, datamodule=data, ckpt_path=config.resume)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1); the caller gets the KeyboardInterrupt back
+            signal.signal(signal.SIGINT, previous_sigint)
+            raise KeyboardInterrupt from None
+        raise
+    except ValueError as e:  # distribution argument checks reject non-finite parameters
+        bad = nonfinite_parameters(plan)
+        if not bad:
+            raise
+        raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before {where(trainer)}; "
+                            f"the previous step diverged{kept(trainer)}") from e
+    device = trainer.strategy.root_device
+    result = FitResult(history=plan.history, elbo=elbo_name, steps=len(plan.step_seconds),
+                       step_seconds=plan.step_seconds, rank=trainer.global_rank,
+                       train_seconds=plan.history[-1]["seconds"] if plan.history else 0.0)
+    if best is not None and best.best_model_path:
+        ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+        result.best_epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]
+        result.best_valid_elbo = float(best.best_model_score) if valid is not None else None
+        result.best_checkpoint = best.best_model_path if scratch is None else None
+        plan.load_state_dict(ckpt["state_dict"])
+    if scratch is not None:
+        scratch.cleanup()
+    plan.to(device)  # Lightning's teardown leaves the module on the CPU
+    return result
 
 def fit(
     model: LatentModel,
@@ -313,19 +353,32 @@ def fit(
     train: object,
     valid: object | None = None,
     config: TrainConfig | None = None,
+    *,
+    callbacks: Sequence[Callback] = (),
     **overrides: Any,
 ) -> FitResult:
     """Maximise the ELBO of ``model`` with ``guide`` on ``train``; returns the per-epoch history.
 
     ``train``/``valid`` are arrays, tensors or DataFrames of shape (points, features) of any float dtype;
     they are checked and converted to the model's dtype and device. ``overrides`` replace fields of
-    ``config`` (``fit(model, guide, x, epochs=50, seed=0)``).
+    ``config`` (``fit(model, guide, x, epochs=50, seed=0)``). ``callbacks`` are Lightning callbacks of your own,
+    run beside the plan's.
+
+    ``resume=".../last.ckpt"`` continues a fit from its checkpoint: parameters, optimiser, learning-rate schedule,
+    epoch, early-stopping and best-checkpoint state, minibatch order, history and (for a seeded fit) the random
+    stream; the result equals the uninterrupted fit's. A checkpoint of a different model, guide or data set is
+    refused, naming what differs.
 
     The best state by validation ELBO (or by training loss when there is no validation set) is
     restored at the end unless ``config.restore_best`` is False.
 
+    Training runs on PyTorch Lightning (:mod:`pyro_lvm.plan`): ``accelerator``, ``devices``, ``num_nodes``,
+    ``strategy`` and ``precision`` go to its ``Trainer``. With ``devices * num_nodes > 1`` every process runs
+    this function (Lightning re-launches the script); only ``rank == 0`` of the result should evaluate and write.
+    Afterwards model and guide are on the device they trained on.
+
     Side effects are the caller's choice: ``seed=None`` leaves the caller's RNG alone (a seed fixes the
-    run and restores the caller's RNG state afterwards); ``threads`` and ``device`` apply only when given;
+    run and restores the caller's RNG state afterwards); ``threads`` applies only when given;
     the fit runs with Pyro's ``module_local_params`` on (models never share parameters) and restores the
     caller's setting. With ``elbo="jit"`` (``JitTrace_ELBO``, which reads parameters from Pyro's global
     parameter store), the fit runs with module-local parameters off inside a fresh parameter-store scope,
@@ -333,44 +386,65 @@ def fit(
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
     elbo_name = resolve_elbo(model, config.elbo)
-    device = resolve_device(config.device)
-    if device is not None:
-        model.to(device)
-        if isinstance(guide, torch.nn.Module):
-            guide.to(device)
     train = model.validate_training(train, name="training data")
     valid = None if valid is None else model.validate(valid, name="validation data")
-    with runtime_threads(config.threads), seeded(config.seed):
+    with runtime_threads(config.threads), seeded(config.seed), _lightning_scope():
         if elbo_name != "jit":
             with local_params(model, guide):
-                return _fit(model, guide, train, valid, config, elbo_name)
+                return _fit(model, guide, train, valid, config, elbo_name, callbacks)
         with pyro.settings.context(module_local_params=False), pyro.get_param_store().scope(), \
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            return _fit(model, guide, train, valid, config, elbo_name)
+            return _fit(model, guide, train, valid, config, elbo_name, callbacks)
 
 
-def _where(epoch: int, step: int, steps_done: int) -> str:
-    return f"epoch {epoch}, step {step} (global step {steps_done + 1})"
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pyro-lvm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
-def _kept(last_good: Path | None) -> str:
-    return f"; last good checkpoint: {last_good}" if last_good else ""
+def _accelerator(name: str | None, model: LatentModel) -> str:
+    """Lightning's accelerator name: ``name`` (``cuda`` read as ``gpu``), or where the model already is."""
+    if name is None:
+        return {"cuda": "gpu", "mps": "mps"}.get(module_device(model).type, "cpu")
+    name = "gpu" if name == "cuda" else name
+    if name == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("accelerator", "'gpu' asked for, but torch sees no CUDA device; use cpu or auto")
+    return name
 
 
-def _max_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+@contextlib.contextmanager
+def _lightning_scope() -> Iterator[None]:
+    """Lightning, quietly and without lasting effects: its INFO lines (devices found, tips) and the warnings that
+    do not apply to this plan are silenced, and what a DDP launch changes (torch threads, ``OMP_NUM_THREADS``) is
+    put back afterwards."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    n_threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            for message in _QUIET:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if torch.get_num_threads() != n_threads:
+            torch.set_num_threads(n_threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
-def _named_parameters(model: LatentModel, guide: Any) -> list[tuple[str, torch.Tensor]]:
-    out = [(f"model.{n}", p) for n, p in model.named_parameters()]
-    if isinstance(guide, torch.nn.Module):
-        out += [(f"guide.{n}", p) for n, p in guide.named_parameters()]
-    return out
-
-
-def _state(model: LatentModel, guide: Any) -> dict[str, Any]:
-    return {"model": copy.deepcopy(model.state_dict()),
-            "guide": copy.deepcopy(guide.state_dict()) if isinstance(guide, torch.nn.Module) else {}}
+#: Lightning warnings that say nothing about this plan: it loads data in-process on purpose, logs once per epoch
+#: values it has already reduced over processes, writes checkpoints beside the run's other files, may have nothing
+#: to optimise; and torch deprecates a pytree API (LeafSpec) that Lightning 2.6 still calls
+_QUIET = (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*exists and is not empty.*",
+          ".*configure_optimizers.* returned `None`.*", ".*GPU available but not used.*",
+          ".*`training_step` returns `None`.*", ".*You defined a `validation_step` but have no `val_dataloader`.*",
+          ".*LeafSpec.*", ".*sync_dist=True.*")

@@ -17,12 +17,16 @@ def test_step_time_benchmark_runs_and_reports_ratios(tmp_path: Path, fake_mnist:
     res = json.loads((tmp_path / "results.json").read_text())
     assert code == 0 and (tmp_path / "results.md").is_file()
     timing = res["timing"]
-    assert set(timing) == {"plain_pytorch", "pyro_trace", "pyro_jit"} and timing["plain_pytorch"]["ratio_to_plain"] == 1
+    assert set(timing) == {"plain_pytorch", "handwritten_trace", "lightning_trace", "lightning_jit"}
+    assert timing["plain_pytorch"]["ratio_to_plain"] == 1
     plain = timing["plain_pytorch"]["seconds_per_step"]
     for v in timing.values():  # every ratio is its path's step time over plain PyTorch's, one per round
         assert v["ratio_to_plain"] == pytest.approx(v["seconds_per_step"] / plain, rel=1e-12)
         assert len(v["ratio_per_round"]) == 1
     assert res["iwae_evaluation"]["points_evaluated"] == 8
+    over = res["lightning_over_handwritten"]
+    assert over["ratio"] == pytest.approx(timing["lightning_trace"]["ratio_per_round"][0]
+                                          / timing["handwritten_trace"]["ratio_per_round"][0], rel=1e-12)
 
 
 def test_fullcov_ablation_frozen_cholesky_is_the_diagonal_guide(tmp_path: Path, fake_mnist: Path) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from pyro_lvm import ConfigError, TrainConfig, build_guide, build_model, fit
 from pyro_lvm.data import make_factor_analysis_data
@@ -75,10 +77,10 @@ def test_divergence_stops_training_naming_the_step_and_keeps_the_last_checkpoint
     guide = build_guide("amortized", model, GuideConfig(hidden=()))
     with pyro.validation_enabled(how == "parameters"), pytest.raises(TrainingError, match=match) as err:
         fit(model, guide, x, None, TrainConfig(epochs=10, batch_size=20, quiet=True, output=str(tmp_path)))
-    assert str(tmp_path / "last.pt") in str(err.value)
+    assert str(tmp_path / "last.ckpt") in str(err.value)
     fresh = FactorAnalysis(FactorAnalysisConfig(4, 1))
-    ckpt = load_checkpoint(tmp_path / "last.pt", fresh, build_guide("amortized", fresh, GuideConfig(hidden=())))
-    assert ckpt["epoch"] == 3 and all(torch.isfinite(p).all() for p in fresh.parameters())
+    ckpt = load_checkpoint(tmp_path / "last.ckpt", fresh, build_guide("amortized", fresh, GuideConfig(hidden=())))
+    assert ckpt["pyro_lvm"]["history"][-1]["epoch"] == 3 and all(torch.isfinite(p).all() for p in fresh.parameters())
 
 
 @pytest.mark.usefixtures("float64")
@@ -179,17 +181,17 @@ def test_jit_fit_runs_in_its_own_param_store_scope(local: bool) -> None:
         assert pyro.settings.get("module_local_params") is local
 
 
-def test_threads_and_device_apply_only_inside_the_fit() -> None:
+def test_threads_and_accelerator_apply_only_inside_the_fit() -> None:
     model, x = _fa()
     guide = build_guide("amortized", model, GuideConfig(hidden=()))
     before = torch.get_num_threads()
-    fit(model, guide, x, None, TrainConfig(epochs=1, quiet=True, threads=1, device="cpu"))
+    fit(model, guide, x, None, TrainConfig(epochs=1, quiet=True, threads=1, accelerator="cpu"))
     assert torch.get_num_threads() == before
-    with pytest.raises(ValueError, match="device: unknown value 'tpu'; valid: cpu, cuda, mps, auto"):
-        TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="accelerator: unknown value 'tpu'; valid: cpu, gpu, cuda, mps, auto"):
+        TrainConfig(accelerator="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            fit(model, guide, x, None, TrainConfig(epochs=1, quiet=True, device="cuda"))
+            fit(model, guide, x, None, TrainConfig(epochs=1, quiet=True, accelerator="gpu"))
 
 
 def test_float64_numpy_and_dataframes_train_a_float32_model() -> None:
@@ -218,3 +220,47 @@ def test_train_config_refuses_bad_values_naming_the_field(field: str, value: obj
     model, x = _fa()
     with pytest.raises(ValueError, match=match):  # the same check through fit's keyword overrides
         fit(model, build_guide("amortized", model), x, **{field: value})
+
+
+class _InterruptAt(Callback):
+    """Ctrl-C at the start of epoch ``epoch`` (1-based): the fit stops after ``epoch - 1`` whole epochs."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Any, plan: Any) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _vae_fit(out: Path, hidden: tuple[int, ...] = (8,), **kw: Any) -> tuple[VAE, Any, Any]:
+    x = _binary(60, 12)
+    with seeded(0):
+        model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=hidden))
+        guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
+    cfg = TrainConfig(epochs=6, batch_size=16, warmup_epochs=2, patience=3, lr_final_factor=0.5, seed=1, quiet=True,
+                      output=str(out))
+    return model, guide, fit(model, guide, x, x[:20], cfg, **kw)
+
+
+def test_a_fit_interrupted_and_resumed_equals_the_uninterrupted_fit(tmp_path: Path) -> None:
+    model, guide, whole = _vae_fit(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _vae_fit(tmp_path / "cut", callbacks=[_InterruptAt(4)])
+    saved = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)
+    assert [h["epoch"] for h in saved["pyro_lvm"]["history"]] == [1, 2, 3]  # three whole epochs, then the stop
+    model2, guide2, resumed = _vae_fit(tmp_path / "cut", resume=str(tmp_path / "cut" / "last.ckpt"))
+    keys = ("epoch", "beta", "train_loss", "valid_elbo")
+    assert [[h.get(k) for k in keys] for h in resumed.history] == [[h.get(k) for k in keys] for h in whole.history]
+    assert (resumed.best_epoch, resumed.best_valid_elbo) == (whole.best_epoch, whole.best_valid_elbo)
+    for a, b in zip([*model.state_dict().values(), *guide.state_dict().values()],
+                    [*model2.state_dict().values(), *guide2.state_dict().values()], strict=True):
+        assert torch.equal(a, b)  # same minibatches, same draws, same optimiser state: the same numbers
+
+
+def test_resuming_a_different_model_says_what_differs(tmp_path: Path) -> None:
+    _vae_fit(tmp_path)
+    with pytest.raises(ValueError, match=r"resume: the checkpoint belongs to a different fit; model: .*\[8\]"):
+        _vae_fit(tmp_path, hidden=(5,), resume=str(tmp_path / "last.ckpt"))
+    with pytest.raises(ValueError, match="resume: no checkpoint at"):
+        _vae_fit(tmp_path, resume=str(tmp_path / "nope.ckpt"))

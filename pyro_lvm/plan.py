@@ -1,0 +1,452 @@
+"""The training plan: Pyro's ELBO module inside a ``LightningModule``, the data as a ``LightningDataModule``,
+and the few callbacks Lightning lacks (KL warm-up, the divergence guard, the peak-memory record).
+
+Lightning runs the loop: epochs, minibatches, backward, gradient clipping, the optimiser and its learning-rate
+schedule, validation, checkpoints, early stopping, the progress bar, the CSV log, and data parallelism. What is
+ours is the objective and its bookkeeping:
+
+* :class:`SVIPlan` -- ``training_step`` returns ``-ELBO(x_b) / N``, Pyro's estimate of the full-data ELBO from a
+  minibatch (the data plate scales the minibatch's log-likelihood by ``N / B``), divided by ``N`` so that the loss
+  and its gradient are per data point. Under data parallelism each of R processes computes this estimate from its
+  own minibatch, with the plate scaled to the *full* data set, and DDP averages the R gradients: the average of
+  R unbiased estimates of ``∇ ELBO / N`` is again one, with the variance of a minibatch R times larger; a prior
+  term (no plate) enters each process's loss once and so the average once. Summing instead of averaging, or
+  scaling each plate to the process's shard, would each train a different objective.
+* :class:`ArrayDataModule` -- rows of one tensor, in index minibatches from :class:`MinibatchSampler`, which
+  shards one shared permutation over the processes.
+
+Nothing here reads or writes global state: the plan holds its own generator for minibatch order and draws
+samples from the torch RNG the caller (or ``fit(seed=...)``) set up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.profilers import PassThroughProfiler
+from pyro.infer import ELBO
+
+from .evaluate import EvalConfig, bounds
+from .saving import atomic_torch_save
+from .train import AnnealLatents, TrainingError
+
+
+# ---------------------------------------------------------------------------------------------- objective
+class Annealed(torch.nn.Module):
+    """``module(x, total_size)`` run under :class:`AnnealLatents` at weight ``beta``.
+
+    The wrapped module is held in a tuple, not registered: the plan owns model and guide (their parameters and
+    state-dict keys are ``model.*`` and ``guide.*``), this is only the callable Pyro's ELBO module calls.
+    ``beta`` arrives as a keyword so that ``JitTrace_ELBO`` (which hashes keyword arguments) retraces when it
+    changes."""
+
+    def __init__(self, module: Callable[..., Any], anneal: AnnealLatents) -> None:
+        super().__init__()
+        self._module, self._anneal = (module,), anneal
+
+    def forward(self, x: torch.Tensor, total_size: int | None = None, beta: float = 1.0) -> Any:
+        self._anneal.beta = beta
+        with self._anneal:
+            return self._module[0](x, total_size)
+
+
+class SVIPlan(pl.LightningModule):
+    """One SVI fit: ``model`` and ``guide`` (registered submodules) and the ELBO module ``elbo(model, guide)``.
+
+    ``params`` are the tensors to optimise (``None`` or empty: nothing to learn, e.g. the exact guide on a fixed
+    model; the plan then only records the loss). ``optimizer(params)`` builds the optimiser; ``lr_gamma`` is the
+    per-epoch factor of an exponential learning-rate decay (``None``: constant)."""
+
+    def __init__(self, model: torch.nn.Module, guide: torch.nn.Module, elbo: ELBO, *, latent_sites: set[str],
+                 total_size: int, params: list[torch.Tensor], optimizer: Callable[[list[torch.Tensor]], Any],
+                 lr_gamma: float | None, clip_norm: float | None, val_config: EvalConfig) -> None:
+        super().__init__()
+        self.model, self.guide = model, guide
+        anneal = AnnealLatents(latent_sites)
+        self.loss = elbo(Annealed(model, anneal), Annealed(guide, anneal))  # Pyro's ELBOModule
+        self.total_size, self.val_config = total_size, val_config
+        self._params, self._optimizer, self._lr_gamma, self.clip_norm = params, optimizer, lr_gamma, clip_norm
+        # the step is written out in training_step (Lightning's manual optimisation: its backward, its gradient
+        # clipping, its optimiser wrapper); the automatic loop's closure machinery cost ~8% of an MNIST VAE step
+        self.automatic_optimization = False
+        self.beta = 1.0
+        self.history: list[dict[str, float]] = []
+        self.row: dict[str, float] = {}
+        self.step_seconds: list[float] = []
+        self.extra_checkpoint_state: dict[str, Any] = {}
+        #: on resume, continue the checkpoint's random stream (only when the fit is seeded: else the caller's RNG
+        #: is the caller's)
+        self.restore_rng = False
+        self._sum, self._count = 0.0, 0
+        self._vsum = self._vcount = None
+        self._t0 = self._t_step = self._tv = 0.0
+        self._train_seconds_before = 0.0  # time of the epochs done before a resume
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``-ELBO(x) / N``, the per-point training loss (the plate scales the minibatch to ``N`` points)."""
+        return self.loss(x, total_size=self.total_size, beta=self.beta) / self.total_size
+
+    def configure_optimizers(self) -> Any:
+        if not self._params:
+            return None
+        optim = self._optimizer(self._params)
+        if self._lr_gamma is None:
+            return optim
+        decay = torch.optim.lr_scheduler.ExponentialLR(optim, self._lr_gamma)
+        return {"optimizer": optim, "lr_scheduler": {"scheduler": decay, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_start(self) -> None:
+        # callbacks ran first: KLWarmup has set this epoch's beta
+        self.row = {"epoch": self.current_epoch + 1, "beta": self.beta}
+        self._sum, self._count = 0.0, 0
+        self._t_step = time.perf_counter()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        if not self._params:  # nothing to learn: record the loss only
+            with torch.no_grad():
+                self._record(self(batch), batch)
+            return
+        optim = self.optimizers()
+        loss = self(batch)
+        self._record(loss, batch)
+        optim.zero_grad(set_to_none=True)
+        self.manual_backward(loss)  # DivergenceGuard's on_before_backward checks the loss first
+        if self.clip_norm:
+            self.clip_gradients(optim, gradient_clip_val=self.clip_norm, gradient_clip_algorithm="norm")
+        optim.step()
+
+    def _record(self, loss: torch.Tensor, batch: torch.Tensor) -> None:
+        # a Python float: the divergence guard has already synchronised on the loss (bool(isfinite)), so reading
+        # it costs nothing more, while tensor accumulation would add three kernel launches per step
+        self._sum += loss.item() * len(batch)
+        self._count += len(batch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # wall time per iteration, end to end: data, forward, backward, clipping, update and every hook
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._t_step)
+        self._t_step = now
+
+    def on_train_epoch_end(self) -> None:
+        sums = torch.tensor([self._sum, self._count], dtype=torch.float64, device=self.device)
+        total, count = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self.row["train_loss"] = (total / count).item()
+        self.row["seconds"] = self._train_seconds_before + time.perf_counter() - self._t0
+        self.history.append(self.row)
+        # the quantities the callbacks watch: objective (a larger-is-better ELBO), and after warm-up only
+        metrics = {k: v for k, v in self.row.items() if k != "epoch"}
+        metrics["train_elbo"] = -self.row["train_loss"]
+        self.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        decay = self.lr_schedulers() if self._params else None
+        if decay is not None:  # once per epoch, after its validation (manual optimisation steps it here)
+            decay.step()
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._tv = time.perf_counter()
+        self._vsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._vcount = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        elbo = bounds(self.model, self.guide, batch, self.val_config)["elbo"]
+        self._vsum += elbo.double().sum()
+        self._vcount += len(elbo)
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._vsum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._vcount, reduce_op="sum")
+        self.row["valid_elbo"] = (total / count).item()
+        self.row["valid_seconds"] = time.perf_counter() - self._tv
+        self.log_dict({k: self.row[k] for k in ("valid_elbo", "valid_seconds")}, on_epoch=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Beside Lightning's state (parameters, optimiser, schedule, loops, callbacks, data order): what the fit
+        was (configs of model, guide and training, library version, data fingerprint), its history, and every RNG
+        state, so a checkpoint stands alone and a resumed fit continues the same random stream."""
+        checkpoint["pyro_lvm"] = {**self.extra_checkpoint_state, "history": list(self.history),
+                                  "rng": rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("pyro_lvm")
+        if state is None:
+            raise ValueError("resume: the checkpoint was not written by pyro_lvm.fit (no 'pyro_lvm' entry)")
+        differ = [f"{key}: checkpoint {state.get(key)!r}, this fit {mine!r}"
+                  for key, mine in self.extra_checkpoint_state.items()
+                  if key in ("model", "guide", "data") and state.get(key) != mine]
+        if differ:  # say what differs before Lightning loads mismatched tensors
+            raise ValueError("resume: the checkpoint belongs to a different fit; " + "; ".join(differ))
+        self.history = list(state.get("history", []))
+        if self.history:
+            self._train_seconds_before = self.history[-1].get("seconds", 0.0)
+        if self.restore_rng and "rng" in state:
+            set_rng_states(state["rng"])
+
+
+# ---------------------------------------------------------------------------------------------- data
+class MinibatchSampler(torch.utils.data.Sampler):
+    """Index minibatches, one shuffled pass per epoch, sharded over ``world`` processes.
+
+    A private generator seeded by ``seed`` draws each epoch's permutation; every process draws the same one (same
+    seed, same number of draws) and process ``rank`` takes its every ``world``-th index, padded by wrapping round
+    (as ``DistributedSampler``) so every process runs the same number of steps. With one process the order is a
+    fresh ``randperm(n)`` per epoch from one generator, cut into batches of ``batch`` and a smaller last one.
+    ``shuffle=False`` keeps the data order and does not pad (evaluation: each point once)."""
+
+    def __init__(self, n: int, batch: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+                 rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch, self.shuffle, self.drop_last, self.rank, self.world = n, batch, shuffle, drop_last, \
+            rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _shard_size(self) -> int:
+        return math.ceil(self.n / self.world) if self.shuffle else len(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        m = self._shard_size()
+        return m // self.batch if self.drop_last else math.ceil(m / self.batch)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.shuffle and self.batch < self.n:
+            order = torch.randperm(self.n, generator=self.generator)
+        else:
+            order = torch.arange(self.n)
+        if self.shuffle and self.world > 1:
+            m = self._shard_size()
+            order = torch.cat([order, order[: m * self.world - self.n]])  # pad so every shard has m
+        order = order[self.rank::self.world]
+        for i in range(len(self)):
+            yield order[i * self.batch: (i + 1) * self.batch]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return self.x[index]
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """Training and validation rows of two tensors, as minibatches from :class:`MinibatchSampler`.
+
+    The training sampler is built once (its generator carries the minibatch order across epochs and into
+    checkpoints); rank and world size are read from the trainer when the loaders are built, so the same module
+    serves one process or many. ``workers`` > 0 loads batches in worker processes; ``pin_memory`` pins them for a
+    faster copy to a GPU."""
+
+    def __init__(self, train: torch.Tensor, valid: torch.Tensor | None, *, batch: int, valid_batch: int,
+                 seed: int, drop_last: bool = False, workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        # rows are gathered every step: a row-major copy makes that a read of B contiguous rows (a column-major
+        # 50,000 x 784 tensor, as NumPy's unpacking can leave MNIST, cost 0.8 ms per minibatch of 100)
+        self.train_x = train.contiguous()
+        self.valid_x = None if valid is None else valid.contiguous()
+        self.batch, self.valid_batch, self.drop_last = batch, valid_batch, drop_last
+        self.workers, self.pin_memory = workers, pin_memory
+        self.sampler = MinibatchSampler(train.shape[0], batch, seed=seed, drop_last=drop_last)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, x: torch.Tensor, sampler: MinibatchSampler) -> torch.utils.data.DataLoader:
+        # the loader's own generator: DataLoader draws a base seed per epoch, and must not draw it from the global RNG
+        return torch.utils.data.DataLoader(_Rows(x), sampler=sampler, batch_size=None, num_workers=self.workers,
+                                           pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0),
+                                           persistent_workers=self.workers > 0)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        self.sampler.rank, self.sampler.world = self._rank_world()
+        return self._loader(self.train_x, self.sampler)
+
+    def val_dataloader(self) -> Any:
+        if self.valid_x is None:
+            return []
+        rank, world = self._rank_world()
+        sampler = MinibatchSampler(self.valid_x.shape[0], self.valid_batch, shuffle=False, rank=rank, world=world)
+        return self._loader(self.valid_x, sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+class KLWarmup(Callback):
+    """Linear KL warm-up: the weight on the latent sites' log-densities is ``min(1, epoch / epochs)``."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        epoch = trainer.current_epoch + 1
+        plan.beta = min(1.0, epoch / self.epochs) if self.epochs > 0 else 1.0
+
+
+class DivergenceGuard(Callback):
+    """Stops training with a :class:`TrainingError` naming epoch and step when the loss or the parameters become
+    non-finite. The loss is checked before backward, so the update that would spread a non-finite value never
+    runs; parameters are checked at each epoch's end, before any checkpoint of that epoch is written, so no
+    checkpoint holds a non-finite state."""
+
+    def on_before_backward(self, trainer: pl.Trainer, plan: SVIPlan, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at {where(trainer)}{kept(trainer)}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        bad = nonfinite_parameters(plan)
+        if bad:
+            raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) by the end of epoch "
+                                f"{trainer.current_epoch + 1}{kept(trainer)}")
+
+    def on_train_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:  # a max_steps stop ends mid-epoch
+        self.on_train_epoch_end(trainer, plan)
+
+
+class PeakMemory(Callback):
+    """Records the peak resident memory of the process (and of the GPU, when there is one) in each epoch's row."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        plan.row["max_rss_mib"] = max_rss_mib()
+        if plan.device.type == "cuda":
+            plan.row["max_gpu_mib"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
+
+
+class _CachedStateKey:
+    """Lightning formats a callback's ``state_key`` (a repr of its settings) on every hook call, once per callback
+    and hook, to name a profiler action; the key never changes, so it is computed once."""
+
+    @property
+    def state_key(self) -> str:
+        key = self.__dict__.get("_cached_state_key")
+        if key is None:
+            key = self.__dict__["_cached_state_key"] = super().state_key  # type: ignore[misc]
+        return key
+
+
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default profiler does nothing, but through a generator-based context manager entered around
+    every hook call (some 80 per training step); this one hands out one shared null context."""
+
+    _null = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> Any:  # type: ignore[override]
+        return self._null
+
+
+class _AfterWarmup:
+    """During KL warm-up the objective is not yet the ELBO: best checkpoints and early stopping wait."""
+
+    @staticmethod
+    def warming_up(trainer: pl.Trainer) -> bool:
+        return getattr(trainer.lightning_module, "beta", 1.0) < 1.0
+
+
+class BestCheckpoint(_CachedStateKey, _AfterWarmup, ModelCheckpoint):
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if not self.warming_up(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+class LastCheckpoint(_CachedStateKey, ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_epochs`` epochs and once more when training ends, whenever that is."""
+
+    def __init__(self, dirpath: Any, every_n_epochs: int) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=every_n_epochs,
+                         enable_version_counter=False)
+
+    def on_train_end(self, trainer: pl.Trainer, plan: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class EarlyStop(_CachedStateKey, _AfterWarmup, EarlyStopping):
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if not self.warming_up(trainer):
+            super()._run_early_stopping_check(trainer)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file, flushed to disk and renamed over the target: a checkpoint file is
+    complete or absent, whatever stops the process."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def where(trainer: pl.Trainer) -> str:
+    plan = trainer.lightning_module
+    step = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return f"epoch {trainer.current_epoch + 1}, step {step} (global step {len(plan.step_seconds) + 1})"
+
+
+def kept(trainer: pl.Trainer) -> str:
+    paths = [cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks]
+    paths = [p for p in paths if p]
+    return f"; last good checkpoint: {paths[-1]}" if paths else ""
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG's state, as tensors and plain values (so ``torch.load(weights_only=True)`` reads them)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {"torch": torch.get_rng_state(),
+                           "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                           "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fingerprint(x: torch.Tensor) -> dict[str, Any]:
+    """Shape, dtype and BLAKE2b digest of a tensor's values: a resumed fit must see the same data."""
+    arr = x.detach().cpu().contiguous().numpy()
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "blake2b": hashlib.blake2b(arr.data).hexdigest()}
+
+
+def max_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,41 @@
+"""Run by tests/test_distributed.py in a subprocess: fit factor analysis with its exact posterior as the guide
+(whose ELBO gradient is the exact ∇ log p(x): deterministic, whatever the sample) by plain SGD, in one process or
+data-parallel; Lightning re-launches this script for the second process. Rank 0 saves the parameters.
+
+    python tests/ddp_worker.py OUT.pt --devices 2 --batch-size 4 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pyro_lvm import TrainConfig, build_guide, fit
+from pyro_lvm.data import make_factor_analysis_data
+from pyro_lvm.models import FactorAnalysis, FactorAnalysisConfig
+from pyro_lvm.runtime import seeded
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    x, _ = make_factor_analysis_data(8, 4, 2, seed=0)
+    with seeded(0):
+        model = FactorAnalysis(FactorAnalysisConfig(4, 2))
+    guide = build_guide("exact", model)
+    fr = fit(model, guide, x, None, TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=0.05, clip_norm=None, restore_best=False,
+        seed=0, quiet=True, accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto"))
+    if fr.rank == 0:
+        torch.save({"state": model.state_dict(), "history": fr.history, "steps": fr.steps}, args.out)
+
+
+if __name__ == "__main__":
+    main()
