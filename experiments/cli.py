@@ -10,13 +10,16 @@ same words; here a :class:`~pyro_lvm.config.ConfigError` on field ``latent_dim``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import re
+import shlex
+import signal
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from pyro_lvm.config import ConfigError
@@ -153,13 +156,62 @@ def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> 
     def main() -> int:
         cfg = parse_config(experiment, argv)
         cfg = dataclasses.replace(cfg, threads=cli_threads(cfg.threads))
-        doc = run_experiment(experiment, cfg)
+        try:
+            with _terminate_as_exception():
+                doc = run_experiment(experiment, cfg)
+        except (KeyboardInterrupt, Terminated) as e:
+            # finished guides are already in results.json (written after each); each unfinished guide's
+            # last.ckpt holds its last whole epoch
+            again = " ".join(shlex.quote(a) for a in _command(experiment, argv, cfg.output))
+            what, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
+            print(f"{what}: finished guides are in {cfg.output}/results.json; continue with: {again}",
+                  file=sys.stderr)
+            return code
         if not cfg.quiet and doc:  # data-parallel runs: only rank 0 has results to show
             print(results_table(doc))
             print(f"results written to {cfg.output}/results.json")
         return 0
 
     return run_main(main)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt: no ``except Exception`` in between swallows it)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread, so the run stops as on Ctrl-C (Lightning's own SIGTERM
+    handler, installed during a fit, calls this one too)."""
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(experiment: Experiment, argv: Sequence[str] | None, output: str) -> list[str]:
+    """The command that continues this run: the same flags, ``--resume`` pointing at its output."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept: list[str] = []
+    skip = False
+    for a in args:  # drop an earlier --resume
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if not a.startswith("--resume="):
+            kept.append(a)
+    return ["pyro-lvm", experiment.name, *kept, "--resume", output]
 
 
 def message(e: BaseException) -> str:

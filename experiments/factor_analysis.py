@@ -103,7 +103,7 @@ class FAExperimentConfig(ExperimentConfig):
     split: tuple[float, ...] = (0.6, 0.2, 0.2)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=3000, batch_size=None, lr=0.02, lr_final_factor=0.05, num_particles=4, clip_norm=100.0,
-        eval_every=50, checkpoint_every=100, restore_best=True))
+        eval_every=50, checkpoint_every=1, checkpoint_seconds=2.0, restore_best=True))
 
     def __post_init__(self) -> None:
         super().__post_init__()

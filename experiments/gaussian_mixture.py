@@ -68,7 +68,7 @@ class GMMExperimentConfig(ExperimentConfig):
     separation: float = 6.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1000, batch_size=None, lr=0.02, lr_final_factor=0.1, clip_norm=100.0, restore_best=False,
-        checkpoint_every=250))
+        checkpoint_every=1, checkpoint_seconds=2.0))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,6 +17,7 @@ extends :class:`ExperimentConfig`; it overrides the hooks it needs (``build``, `
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class ExperimentConfig:
     iwae_k: int = 1000
     #: skip training: load each guide's fit from this earlier run's output directory
     from_checkpoints: str | None = None
+    #: continue the stopped run in this directory (used as --output): finished guides are kept, the others resume
+    #: from their last.ckpt
+    resume: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,10 @@ class ExperimentConfig:
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if self.data is None and not self.dataset:
             raise ConfigError("dataset", "give a data set name or a --data file")
+        if self.resume is not None:
+            if self.from_checkpoints:
+                raise ConfigError("resume", "continues training; --from-checkpoints skips it: give one of them")
+            self.output = self.resume
 
 
 class Experiment:
@@ -168,8 +176,8 @@ class Experiment:
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
-#: TrainConfig fields every experiment exposes as flags: where and how Lightning trains
-TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "workers")
+#: TrainConfig fields every experiment exposes as flags: the optimiser, and where and how Lightning trains
+TRAINER_FLAGS = ("optimizer", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers")
 
 
 def register_experiment(name: str) -> Any:
@@ -206,6 +214,9 @@ def preflight(experiment: Experiment, cfg: ExperimentConfig) -> None:
             raise ConfigError("dataset", f"{cfg.dataset!r} lacks {', '.join(sorted(missing))} data; usable here: "
                               f"{', '.join(dataset_names(experiment.required_tags))}, or --data FILE")
     check_output_dir(cfg.output)
+    if cfg.resume is not None and not (Path(cfg.resume) / "checkpoints").is_dir():
+        raise ConfigError("resume", f"{cfg.resume} holds no checkpoints/ (not the --output of an earlier run); "
+                          "start the run anew with --output")
     if cfg.from_checkpoints and not Path(cfg.from_checkpoints).is_dir():
         raise ConfigError("from_checkpoints", f"{cfg.from_checkpoints} is not a directory (the --output of an "
                           "earlier run)")
@@ -283,6 +294,18 @@ def check_checkpoints(experiment: Experiment, cfg: Any, ds: Dataset) -> None:
         restore(experiment, cfg, ds, spec, *experiment.build(cfg, ds, spec, cfg.seed))
 
 
+def _finished_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The rows of ``out_dir/results.json`` by guide: the guides a stopped run had finished."""
+    path = out_dir / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"resume: {path} is not valid JSON ({e}); remove it to rerun every guide") from None
+    return {row["guide"]: row for row in doc.get("results", [])}
+
+
 def run_experiment(experiment: Experiment, cfg: ExperimentConfig) -> dict[str, Any]:
     """Run ``experiment`` with ``cfg``; returns the ``results.json`` payload (also written to ``cfg.output``)."""
     preflight(experiment, cfg)
@@ -295,6 +318,8 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
     experiment.check_data(cfg, ds)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.rglob(".*.tmp"):  # an atomic write's temporary file, left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     test = experiment.test_split(cfg, ds)
     baselines = experiment.baselines(cfg, ds)
     if cfg.from_checkpoints:
@@ -304,10 +329,23 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
     fitted: dict[str, tuple[LatentModel, Any]] = {}
     doc: dict[str, Any] = {}
     data_info = {**ds.sizes(), "test": len(test), "provenance": ds.provenance()}
+    finished = _finished_rows(out_dir) if cfg.resume else {}
     for spec in cfg.guides:
         ckpt_dir = out_dir / "checkpoints" / guide_tag(spec)
         model, guide = experiment.build(cfg, ds, spec, cfg.seed)  # the same start whatever ran before
         train_cfg = experiment.train_config(cfg, spec, str(ckpt_dir))
+        if cfg.resume:  # every fit of this guide (restarts have their own directories) continues its last.ckpt
+            train_cfg = dataclasses.replace(train_cfg, resume="last")
+        if spec in finished and (ckpt_dir / "fitted.pt").is_file():  # resumed run: this guide had finished
+            f = load_fitted(ckpt_dir / "fitted.pt", device=accelerator_device(cfg.train.accelerator))
+            row = finished[spec]
+            results.append(row)
+            last = ckpt_dir / "last.ckpt"
+            history = read_checkpoint(last).get("pyro_lvm", {}).get("history", []) if last.is_file() else []
+            histories[spec], fitted[spec] = history, (f.model, f.guide)
+            if not cfg.quiet:
+                print(f"{experiment.describe(row)}  (finished before the resume)", file=sys.stderr)
+            continue
         if cfg.from_checkpoints:
             model, guide, fr = restore(experiment, cfg, ds, spec, model, guide)
         else:

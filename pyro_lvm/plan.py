@@ -22,6 +22,7 @@ samples from the torch RNG the caller (or ``fit(seed=...)``) set up.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import math
 import random
@@ -34,12 +35,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.profilers import PassThroughProfiler
 from pyro.infer import ELBO
 
 from .evaluate import EvalConfig, bounds
+from .report import atomic_write
 from .saving import atomic_torch_save
 from .train import AnnealLatents, TrainingError
 
@@ -112,6 +114,14 @@ class SVIPlan(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._t0 = time.perf_counter()
 
+    def on_train_start(self) -> None:
+        # every process starts from the same seed (same initialisation, same data order); their noise must
+        # differ, or the R minibatches' draws of ε would repeat each other (still unbiased, but R times less
+        # averaging than R processes should give). Each offsets one shared draw by its rank: one seed fixes all.
+        if self.trainer.world_size > 1:
+            base = int(torch.randint(2**62, ()).item())
+            torch.manual_seed(base + self.trainer.global_rank)
+
     def on_train_epoch_start(self) -> None:
         # callbacks ran first: KLWarmup has set this epoch's beta
         self.row = {"epoch": self.current_epoch + 1, "beta": self.beta}
@@ -133,8 +143,8 @@ class SVIPlan(pl.LightningModule):
         optim.step()
 
     def _record(self, loss: torch.Tensor, batch: torch.Tensor) -> None:
-        # a Python float: the divergence guard has already synchronised on the loss (bool(isfinite)), so reading
-        # it costs nothing more, while tensor accumulation would add three kernel launches per step
+        # a Python float: the divergence guard reads the loss anyway (one synchronisation per step, which the
+        # hand-written loop paid too), while tensor accumulation would add three kernel launches per step
         self._sum += loss.item() * len(batch)
         self._count += len(batch)
 
@@ -313,23 +323,53 @@ class KLWarmup(Callback):
 
 
 class DivergenceGuard(Callback):
-    """Stops training with a :class:`TrainingError` naming epoch and step when the loss or the parameters become
-    non-finite. The loss is checked before backward, so the update that would spread a non-finite value never
-    runs; parameters are checked at each epoch's end, before any checkpoint of that epoch is written, so no
-    checkpoint holds a non-finite state."""
+    """Stops training with a :class:`TrainingError` naming epoch and step when it diverges. The rule:
+
+    * the loss is NaN or ±inf; or
+    * the loss rises by two orders of magnitude over the lowest loss seen in this fit:
+      ``loss > best + EXPLOSION * max(|best|, 1)`` (per data point, so the scale is the model's nats per point:
+      an MNIST VAE starts near 550 and falls, a factor model near 10-50; minibatch noise and KL warm-up move a
+      healthy loss by tens of percent, never a hundredfold); or
+    * a parameter leaves ±``MAX_PARAMETER`` (1e8: where float32 can no longer resolve a unit change), checked at
+      every epoch's end.
+
+    The loss is checked before backward, so the update that would spread a bad value never runs; parameters are
+    checked before any checkpoint of that epoch is written, so no checkpoint holds a diverged state."""
+
+    EXPLOSION = 100.0
+    MAX_PARAMETER = 1e8
+
+    def __init__(self) -> None:
+        self.best = math.inf
 
     def on_before_backward(self, trainer: pl.Trainer, plan: SVIPlan, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at {where(trainer)}{kept(trainer)}")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(f"loss became {value} at {where(trainer)}{kept(trainer)}")
+        if self.best < math.inf and value > self.best + self.EXPLOSION * max(abs(self.best), 1.0):
+            raise TrainingError(f"loss diverged at {where(trainer)}: {value:.4g} nats per point against a best of "
+                                f"{self.best:.4g} (a rise over {self.EXPLOSION:.0f}x its size); lower --lr or raise "
+                                f"--warmup-epochs{kept(trainer)}")
+        self.best = min(self.best, value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
         bad = nonfinite_parameters(plan)
         if bad:
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) by the end of epoch "
                                 f"{trainer.current_epoch + 1}{kept(trainer)}")
+        huge = [name for name, p in plan.named_parameters() if p.detach().abs().max() > self.MAX_PARAMETER]
+        if huge:
+            raise TrainingError(f"parameters diverged ({', '.join(huge[:3])} beyond ±{self.MAX_PARAMETER:.0e}) by "
+                                f"the end of epoch {trainer.current_epoch + 1}; lower --lr{kept(trainer)}")
 
     def on_train_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:  # a max_steps stop ends mid-epoch
         self.on_train_epoch_end(trainer, plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}  # a resumed fit judges divergence against the same best
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
 
 
 class PeakMemory(Callback):
@@ -339,6 +379,29 @@ class PeakMemory(Callback):
         plan.row["max_rss_mib"] = max_rss_mib()
         if plan.device.type == "cuda":
             plan.row["max_gpu_mib"] = torch.cuda.max_memory_allocated(plan.device) / 2**20
+
+
+class MetricsCSV(Checkpoint):
+    """``metrics.csv``: every epoch's row of the history (losses, validation ELBO, warm-up weight, times, memory),
+    rewritten whole and atomically after each epoch. Lightning's ``CSVLogger`` appends rows in place, so a kill
+    during a write could leave a torn last line; this file is complete or absent, and after a resume it holds
+    the epochs from before the stop too (the history travels in the checkpoint). A ``Checkpoint`` subclass so
+    that Lightning runs it with the checkpoints, after the plan has closed the epoch's row."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        if not trainer.is_global_zero or not plan.history:
+            return
+        fields = list(dict.fromkeys(k for row in plan.history for k in row))
+
+        def write(f: Any) -> None:
+            out = csv.DictWriter(f, fieldnames=fields)
+            out.writeheader()
+            out.writerows(plan.history)
+
+        atomic_write(self.path, write)
 
 
 class _CachedStateKey:
@@ -378,11 +441,23 @@ class BestCheckpoint(_CachedStateKey, _AfterWarmup, ModelCheckpoint):
 
 
 class LastCheckpoint(_CachedStateKey, ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_epochs`` epochs and once more when training ends, whenever that is."""
+    """``last.ckpt`` every ``every_n_epochs`` epochs but at most once per ``min_seconds`` (the first is always
+    written), and once more when training ends, whenever that is."""
 
-    def __init__(self, dirpath: Any, every_n_epochs: int) -> None:
+    def __init__(self, dirpath: Any, every_n_epochs: int, min_seconds: float = 0.0) -> None:
+        # at the end of every training epoch, whether or not it validated (by default Lightning would wait for the
+        # validation epochs when validation is not every epoch)
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=every_n_epochs,
-                         enable_version_counter=False)
+                         enable_version_counter=False, save_on_train_epoch_end=True)
+        self.min_seconds, self._written_at = min_seconds, -math.inf
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: pl.LightningModule) -> None:
+        if time.monotonic() - self._written_at < self.min_seconds:
+            return
+        step = self._last_global_step_saved
+        super().on_train_epoch_end(trainer, plan)
+        if self._last_global_step_saved != step:
+            self._written_at = time.monotonic()
 
     def on_train_end(self, trainer: pl.Trainer, plan: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
@@ -411,7 +486,8 @@ def where(trainer: pl.Trainer) -> str:
 
 
 def kept(trainer: pl.Trainer) -> str:
-    paths = [cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks]
+    paths = [getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+             for cb in trainer.checkpoint_callbacks]
     paths = [p for p in paths if p]
     return f"; last good checkpoint: {paths[-1]}" if paths else ""
 

@@ -81,6 +81,10 @@ ELBOS.register("traceenum")(TraceEnum_ELBO)  # sums enumerated discrete sites ou
 #: optimisers by name: ``OPTIMIZERS[name](params, lr=...)``
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 OPTIMIZERS.register("adam")(torch.optim.Adam)
+# the same Adam update in one fused kernel over all parameters (CPU and CUDA): 8% off an MNIST VAE step with
+# Trace_ELBO and 28% with JitTrace_ELBO on 2 CPU threads, where the per-tensor loop of the default dominates; its
+# rounding differs from the default's in the last bits, so "adam" stays the default and earlier figures reproduce
+OPTIMIZERS.register("adam-fused", origin=(__name__, "adam-fused"))(functools.partial(torch.optim.Adam, fused=True))
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)  # plain gradient steps: the update is proportional to the gradient
 
@@ -120,6 +124,9 @@ class TrainConfig:
     restore_best: bool = True
     #: write ``last.pt`` every this many epochs (``best.pt`` is written on every improvement)
     checkpoint_every: int = 1
+    #: ...and at most once per this many seconds (0: every time; the first epoch's and the last are always written),
+    #: so a model whose epochs take milliseconds is not slowed by its checkpoints yet never loses more than this
+    checkpoint_seconds: float = 0.0
     #: optimise the model's parameters (False: hold the model fixed, train only the guide)
     train_model: bool = True
     #: optimise the guide's parameters
@@ -128,7 +135,7 @@ class TrainConfig:
     seed: int | None = None
     #: torch threads during the fit (``None``: leave the caller's setting)
     threads: int | None = None
-    #: optimiser, a name in ``OPTIMIZERS`` (adam, adamw, sgd)
+    #: optimiser, a name in ``OPTIMIZERS`` (adam, adam-fused, adamw, sgd)
     optimizer: str = "adam"
     #: cpu, gpu, mps or auto: where Lightning trains (``None``: where the model is)
     accelerator: str | None = None
@@ -148,14 +155,16 @@ class TrainConfig:
     quiet: bool = False
     #: stop after this many optimiser steps in total (tests, benchmarks)
     max_steps: int | None = None
-    #: resume from this checkpoint (a ``last.ckpt`` written by an earlier fit of the same model and guide)
+    #: resume from this checkpoint (a ``last.ckpt`` written by an earlier fit of the same model and guide); "last":
+    #: from ``output/last.ckpt`` when there is one, else start afresh
     resume: str | None = None
 
     def __post_init__(self) -> None:
         check_config(self, positive_int=("epochs", "batch_size", "num_particles", "patience", "val_samples",
                                          "eval_every", "checkpoint_every", "max_steps", "threads", "devices",
                                          "num_nodes"),
-                     nonneg_int=("warmup_epochs", "workers"), positive=("lr", "clip_norm", "lr_final_factor"))
+                     nonneg_int=("warmup_epochs", "workers"), positive=("lr", "clip_norm", "lr_final_factor"),
+                     nonneg=("checkpoint_seconds",))
         if self.lr_final_factor > 1:
             raise ConfigError("lr_final_factor", f"must be in (0, 1] (the rate decays), got {self.lr_final_factor}")
         check_choice(self, "elbo", ELBOS.names())
@@ -232,7 +241,6 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
          elbo_name: str, user_callbacks: Sequence[Callback] = ()) -> FitResult:
     from lightning import pytorch as pl
     from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
     from .plan import (
         ArrayDataModule,
@@ -242,13 +250,11 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         EarlyStop,
         KLWarmup,
         LastCheckpoint,
+        MetricsCSV,
         NoProfiler,
         PeakMemory,
         SVIPlan,
         fingerprint,
-        kept,
-        nonfinite_parameters,
-        where,
     )
 
     n = train.shape[0]
@@ -289,8 +295,10 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
                               auto_insert_metric_name=False, enable_version_counter=False)
         callbacks.append(best)
     if out_dir is not None:
-        last = LastCheckpoint(out_dir, every_n_epochs=config.checkpoint_every)
+        last = LastCheckpoint(out_dir, every_n_epochs=config.checkpoint_every, min_seconds=config.checkpoint_seconds)
         callbacks.append(last)
+    if out_dir is not None:
+        callbacks.append(MetricsCSV(out_dir / "metrics.csv"))
     if config.patience is not None:
         callbacks.append(EarlyStop(monitor=monitor, mode="max", patience=config.patience, check_finite=False))
     show_bar = not config.quiet and sys.stderr.isatty()
@@ -302,7 +310,7 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         precision=config.precision, max_epochs=epochs, max_steps=config.max_steps or -1,
         check_val_every_n_epoch=config.eval_every, num_sanity_val_steps=0,
         limit_val_batches=None if valid is not None else 0,
-        logger=CSVLogger(out_dir, name="", version="") if out_dir is not None else False,
+        logger=False,
         log_every_n_steps=max(1, min(50, steps_per_epoch)), callbacks=callbacks,
         enable_checkpointing=best is not None or last is not None, enable_progress_bar=show_bar,
         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
@@ -314,13 +322,29 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
                   "config": to_dict(getattr(model, "config", None))},
         "guide": {"spec": getattr(guide, "spec", type(guide).__name__),
                   "config": to_dict(getattr(guide, "guide_config", None))},
-        "data": fingerprint(train) if out_dir is not None or config.resume else None}
+        "data": fingerprint(train) if out_dir is not None or config.resume is not None else None}
     plan.restore_rng = config.seed is not None
-    if config.resume is not None and not Path(config.resume).is_file():
-        raise ConfigError("resume", f"no checkpoint at {config.resume}; give a last.ckpt written by an earlier fit")
+    resume = config.resume
+    if resume == "last":
+        resume = str(out_dir / "last.ckpt") if out_dir is not None and (out_dir / "last.ckpt").is_file() else None
+    elif resume is not None and not Path(resume).is_file():
+        raise ConfigError("resume", f"no checkpoint at {resume}; give a last.ckpt written by an earlier fit")
+    try:
+        return _run_trainer(trainer, plan, data, resume, best, valid, elbo_name, scratch is not None)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _run_trainer(trainer: Any, plan: Any, data: Any, resume: str | None, best: Any, valid: torch.Tensor | None,
+                 elbo_name: str, scratch: bool) -> FitResult:
+    """``trainer.fit``, with Lightning's Ctrl-C exit and distribution-check errors turned into ours; then the best
+    state restored (in every process: they all read rank 0's file, and wait for each other before it may go)."""
+    from .plan import kept, nonfinite_parameters, where
+
     previous_sigint = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(plan, datamodule=data, ckpt_path=config.resume)
+        trainer.fit(plan, datamodule=data, ckpt_path=resume)
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1); the caller gets the KeyboardInterrupt back
             signal.signal(signal.SIGINT, previous_sigint)
@@ -330,8 +354,11 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         bad = nonfinite_parameters(plan)
         if not bad:
             raise
-        raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before {where(trainer)}; "
-                            f"the previous step diverged{kept(trainer)}") from e
+        error = TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before {where(trainer)}; "
+                              f"the previous step diverged{kept(trainer)}")
+        raise _rolled_back(error, plan, best) from e
+    except TrainingError as e:
+        raise _rolled_back(e, plan, best) from None
     device = trainer.strategy.root_device
     result = FitResult(history=plan.history, elbo=elbo_name, steps=len(plan.step_seconds),
                        step_seconds=plan.step_seconds, rank=trainer.global_rank,
@@ -340,10 +367,10 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
         result.best_epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]
         result.best_valid_elbo = float(best.best_model_score) if valid is not None else None
-        result.best_checkpoint = best.best_model_path if scratch is None else None
+        result.best_checkpoint = None if scratch else best.best_model_path
         plan.load_state_dict(ckpt["state_dict"])
-    if scratch is not None:
-        scratch.cleanup()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0's scratch directory outlives every process's read of it
     plan.to(device)  # Lightning's teardown leaves the module on the CPU
     return result
 
@@ -398,6 +425,16 @@ def fit(
             return _fit(model, guide, train, valid, config, elbo_name, callbacks)
 
 
+def _rolled_back(error: TrainingError, plan: Any, best: Any) -> TrainingError:
+    """After a divergence, model and guide in memory go back to the best state so far, where there is one."""
+    if best is None or not best.best_model_path:
+        return error
+    ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+    plan.load_state_dict(ckpt["state_dict"])
+    epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]
+    return TrainingError(f"{error}; model and guide rolled back to the best state (epoch {epoch})")
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("pyro-lvm")
@@ -420,6 +457,8 @@ def _lightning_scope() -> Iterator[None]:
     """Lightning, quietly and without lasting effects: its INFO lines (devices found, tips) and the warnings that
     do not apply to this plan are silenced, and what a DDP launch changes (torch threads, ``OMP_NUM_THREADS``) is
     put back afterwards."""
+    import lightning.pytorch  # noqa: F401 - first: importing it sets its loggers' levels, which are saved here
+
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [lg.level for lg in loggers]
     n_threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")

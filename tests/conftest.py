@@ -27,10 +27,13 @@ def float64() -> Iterator[None]:
 @pytest.fixture
 def fake_mnist(tmp_path: Path) -> Path:
     """A directory holding a 500-image-per-split ``binarized_mnist.npz`` in the real file's format."""
+    return write_fake_mnist(tmp_path / "data")
+
+
+def write_fake_mnist(directory: Path) -> Path:
     rng = np.random.default_rng(0)
     arrays = {k: np.packbits((rng.random((500, 784)) < 0.13).astype(np.uint8), axis=1)
               for k in ("train", "valid", "test")}
-    directory = tmp_path / "data"
     directory.mkdir()
     np.savez_compressed(directory / "binarized_mnist.npz", **arrays)
     return directory
