@@ -221,9 +221,15 @@ def resolve_elbo(model: LatentModel, name: str | None) -> str:
 
 
 def load_checkpoint(path: str | Path, model: LatentModel, guide: torch.nn.Module) -> dict[str, Any]:
-    """Restore model and guide parameters from a checkpoint written by :func:`fit` (Lightning's ``.ckpt``)."""
+    """Restore model and guide parameters from a checkpoint written by :func:`fit` (Lightning's ``.ckpt``), into
+    a freshly built guide too (a Pyro autoguide's lazily built parameters are made first)."""
+    from .saving import materialize
+
     ckpt = torch.load(path, weights_only=False, map_location=module_device(model))
     state = ckpt["state_dict"]
+    if isinstance(guide, torch.nn.Module) and any(k.startswith("guide.") for k in state) and \
+            not dict(guide.named_parameters()):
+        materialize(model, guide)
     model.load_state_dict(_prefixed(state, "model."))
     guide.load_state_dict(_prefixed(state, "guide."))
     return ckpt

@@ -283,3 +283,18 @@ def test_a_loss_that_explodes_without_a_nan_stops_training_naming_the_step(tmp_p
         guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
     r = fit(model, guide, x, None, TrainConfig(epochs=5, batch_size=20, lr=1e-2, seed=0, quiet=True))
     assert len(r.history) == 5
+
+
+def test_a_mixture_checkpoint_loads_into_a_freshly_built_guide(tmp_path: Path) -> None:
+    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    with seeded(0):
+        model = build_model("gaussian_mixture", data_dim=2, num_components=2)
+        guide = build_guide("map", model)
+    fit(model, guide, x, None, epochs=3, batch_size=None, output=str(tmp_path), quiet=True, seed=0, restore_best=False)
+    fresh = build_model("gaussian_mixture", data_dim=2, num_components=2)
+    fresh_guide = build_guide("map", fresh)  # never called: its autoguide parameters do not exist yet
+    load_checkpoint(tmp_path / "last.ckpt", fresh, fresh_guide)
+    for a, b in zip([*model.state_dict().values(), *guide.state_dict().values()],
+                    [*fresh.state_dict().values(), *fresh_guide.state_dict().values()], strict=True):
+        if isinstance(a, torch.Tensor):  # (the model's extra state, its initial values, is a dict)
+            assert torch.equal(a, b)
