@@ -304,7 +304,7 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         last = LastCheckpoint(out_dir, every_n_epochs=config.checkpoint_every, min_seconds=config.checkpoint_seconds)
         callbacks.append(last)
     if out_dir is not None:
-        callbacks.append(MetricsCSV(out_dir / "metrics.csv"))
+        callbacks.append(MetricsCSV(out_dir / "metrics.csv", min_seconds=config.checkpoint_seconds))
     if config.patience is not None:
         callbacks.append(EarlyStop(monitor=monitor, mode="max", patience=config.patience, check_finite=False))
     show_bar = not config.quiet and sys.stderr.isatty()
