@@ -25,6 +25,8 @@ from typing import Any
 
 from pyro_lvm.experiments.cli import positive_int, run_main
 
+from . import write_outputs
+
 
 def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
@@ -75,8 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     spread = max(summary["devices1_test_nll"]["sd"], summary["devices2_test_nll"]["sd"])
     res = {"benchmark": "ddp_agreement", "config": vars(a), "runs": runs, "summary": summary,
            "nll_difference_of_means": diff, "largest_seed_sd": spread}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"| processes | batch per process | test ELBO (mean ± sd) | test NLL, IWAE-{a.iwae_k} (mean ± sd) | "
              "per seed NLL |", "|---|---|---|---|---|"]
     for devices in (1, 2):
@@ -86,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{n['mean']:.2f} ± {n['sd']:.2f} | {per} |")
     lines += ["", f"difference of the mean NLLs (2 − 1 processes): {diff:+.2f} nats; largest seed-to-seed sd: "
               f"{spread:.2f}"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(out, res, "\n".join(lines) + "\n")
     return 0
 
 

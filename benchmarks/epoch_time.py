@@ -18,13 +18,11 @@ writes, and the rest (epoch starts and ends, Lightning's hooks between steps).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +35,7 @@ from pyro_lvm.models import VAE, VAEConfig
 from pyro_lvm.runtime import seeded, threads
 from pyro_lvm.train import TrainConfig, fit
 
+from . import write_outputs
 from .handwritten_loop import fit_handwritten
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -160,11 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"--variants: unknown {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     res = run(variants, a.threads, a.seeds, a.epochs, a.data_dir, a.subset)
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "results.md").write_text(table(res))
-    print(table(res))
+    write_outputs(a.output, res, table(res))
     return 0
 
 

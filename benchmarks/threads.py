@@ -13,13 +13,11 @@ loop) for the duration, as when another job shares a 2-core machine.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +25,8 @@ import torch
 from pyro_lvm import TrainConfig, build_guide, build_model, fit
 from pyro_lvm.guides import GuideConfig
 from pyro_lvm.runtime import seeded, threads
+
+from . import write_outputs
 
 
 def _spin(stop: Any) -> None:
@@ -95,14 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = run(a.steps, a.rounds, a.busy)
     res["seconds"] = time.perf_counter() - t0
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
     lines = ["| workload | 1 thread ms/step | 2 threads ms/step | speed-up of 2 |", "|---|---|---|---|"]
     lines += [f"| {w} | {d['threads_1_ms']:.2f} | {d['threads_2_ms']:.2f} | {d['speedup_2_over_1']:.2f}x |"
               for w, d in res["results"].items()]
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(a.output, res, "\n".join(lines) + "\n")
     return 0
 
 

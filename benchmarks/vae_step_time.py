@@ -24,13 +24,11 @@ time of IWAE-K evaluation (time for the full test set extrapolated from the poin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +41,7 @@ from pyro_lvm.guides import GuideConfig, build_guide
 from pyro_lvm.models import VAE, VAEConfig
 from pyro_lvm.train import TrainConfig, fit
 
+from . import write_outputs
 from .handwritten_loop import fit_handwritten
 
 
@@ -203,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     res = run(a.steps, a.warmup, a.iwae_k, a.eval_points, a.seed, a.data_dir, a.threads, a.repeats, a.compile,
               a.contiguous)
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "results.md").write_text(table(res))
-    print(table(res))
+    write_outputs(a.output, res, table(res))
     return 0
 
 

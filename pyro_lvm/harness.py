@@ -262,7 +262,7 @@ def restore(experiment: Experiment, cfg: Any, ds: Dataset, spec: str, model: Lat
     """Load a guide's fit from an earlier run (``fitted.pt``, else its ``best.ckpt``/``last.ckpt``) instead of
     training."""
     fitted, best, last = checkpoint_files(cfg.from_checkpoints, spec)
-    history = read_checkpoint(last).get("pyro_lvm", {}).get("history", []) if last.is_file() else []
+    history = saved_history(last)
     fr = FitResult(history=history, train_seconds=history[-1]["seconds"] if history else 0.0)
     if fitted.is_file():
         f = load_fitted(fitted, device=accelerator_device(cfg.train.accelerator))
@@ -279,6 +279,11 @@ def restore(experiment: Experiment, cfg: Any, ds: Dataset, spec: str, model: Lat
     ckpt = load_checkpoint(path, model, guide)
     fr.best_epoch = ckpt.get("pyro_lvm", {}).get("history", [{"epoch": 0}])[-1]["epoch"]
     return model, guide, fr
+
+
+def saved_history(last: Path) -> list[dict[str, float]]:
+    """The per-epoch history a fit left in its ``last.ckpt`` (none when there is no such file)."""
+    return read_checkpoint(last).get("pyro_lvm", {}).get("history", []) if last.is_file() else []
 
 
 def _refuse_differences(path: Path, differences: list[str]) -> None:
@@ -340,8 +345,7 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
             f = load_fitted(ckpt_dir / "fitted.pt", device=accelerator_device(cfg.train.accelerator))
             row = finished[spec]
             results.append(row)
-            last = ckpt_dir / "last.ckpt"
-            history = read_checkpoint(last).get("pyro_lvm", {}).get("history", []) if last.is_file() else []
+            history = saved_history(ckpt_dir / "last.ckpt")
             histories[spec], fitted[spec] = history, (f.model, f.guide)
             if not cfg.quiet:
                 print(f"{experiment.describe(row)}  (finished before the resume)", file=sys.stderr)

@@ -68,19 +68,21 @@ class Annealed(torch.nn.Module):
 class SVIPlan(pl.LightningModule):
     """One SVI fit: ``model`` and ``guide`` (registered submodules) and the ELBO module ``elbo(model, guide)``.
 
-    ``params`` are the tensors to optimise (``None`` or empty: nothing to learn, e.g. the exact guide on a fixed
-    model; the plan then only records the loss). ``optimizer(params)`` builds the optimiser; ``lr_gamma`` is the
-    per-epoch factor of an exponential learning-rate decay (``None``: constant)."""
+    ``optimizer(params)`` builds the optimiser. What it optimises is set by :meth:`set_trainable`, once the plan
+    has been run and every lazily built parameter exists (until then, and with none, the plan only records the
+    loss, e.g. the exact guide on a fixed model)."""
 
     def __init__(self, model: torch.nn.Module, guide: torch.nn.Module, elbo: ELBO, *, latent_sites: set[str],
-                 total_size: int, params: list[torch.Tensor], optimizer: Callable[[list[torch.Tensor]], Any],
-                 lr_gamma: float | None, clip_norm: float | None, val_config: EvalConfig) -> None:
+                 total_size: int, optimizer: Callable[[list[torch.Tensor]], Any], clip_norm: float | None,
+                 val_config: EvalConfig) -> None:
         super().__init__()
         self.model, self.guide = model, guide
         anneal = AnnealLatents(latent_sites)
         self.loss = elbo(Annealed(model, anneal), Annealed(guide, anneal))  # Pyro's ELBOModule
         self.total_size, self.val_config = total_size, val_config
-        self._params, self._optimizer, self._lr_gamma, self.clip_norm = params, optimizer, lr_gamma, clip_norm
+        self._optimizer, self.clip_norm = optimizer, clip_norm
+        self._params: list[torch.Tensor] = []
+        self._lr_gamma: float | None = None
         # the step is written out in training_step (Lightning's manual optimisation: its backward, its gradient
         # clipping, its optimiser wrapper); the automatic loop's closure machinery cost ~8% of an MNIST VAE step
         self.automatic_optimization = False
@@ -93,9 +95,15 @@ class SVIPlan(pl.LightningModule):
         #: is the caller's)
         self.restore_rng = False
         self._sum, self._count = 0.0, 0
+        self.last_loss = math.nan  # the latest minibatch's loss, read by _record
         self._vsum = self._vcount = None
         self._t0 = self._t_step = self._tv = 0.0
         self._train_seconds_before = 0.0  # time of the epochs done before a resume
+
+    def set_trainable(self, params: list[torch.Tensor], lr_gamma: float | None = None) -> None:
+        """Optimise ``params``; ``lr_gamma`` is the per-epoch factor of an exponential learning-rate decay
+        (``None``: constant)."""
+        self._params, self._lr_gamma = params, lr_gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``-ELBO(x) / N``, the per-point training loss (the plate scales the minibatch to ``N`` points)."""
@@ -143,9 +151,11 @@ class SVIPlan(pl.LightningModule):
         optim.step()
 
     def _record(self, loss: torch.Tensor, batch: torch.Tensor) -> None:
-        # a Python float: the divergence guard reads the loss anyway (one synchronisation per step, which the
-        # hand-written loop paid too), while tensor accumulation would add three kernel launches per step
-        self._sum += loss.item() * len(batch)
+        # read once per step as a Python float (one synchronisation, which the hand-written loop paid too), for
+        # the epoch's mean here and the divergence guard's check; tensor accumulation would add three kernel
+        # launches per step
+        self.last_loss = loss.item()
+        self._sum += self.last_loss * len(batch)
         self._count += len(batch)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -171,8 +181,7 @@ class SVIPlan(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._tv = time.perf_counter()
-        self._vsum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._vcount = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._vsum, self._vcount = torch.zeros((), dtype=torch.float64, device=self.device), 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         elbo = bounds(self.model, self.guide, batch, self.val_config)["elbo"]
@@ -180,8 +189,9 @@ class SVIPlan(pl.LightningModule):
         self._vcount += len(elbo)
 
     def on_validation_epoch_end(self) -> None:
-        total = self.trainer.strategy.reduce(self._vsum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._vcount, reduce_op="sum")
+        # one reduction over the processes for both sums, as at the end of a training epoch
+        sums = torch.stack([self._vsum, torch.tensor(float(self._vcount), dtype=torch.float64, device=self.device)])
+        total, count = self.trainer.strategy.reduce(sums, reduce_op="sum")
         self.row["valid_elbo"] = (total / count).item()
         self.row["valid_seconds"] = time.perf_counter() - self._tv
         self.log("valid_elbo", self.row["valid_elbo"], on_epoch=True, sync_dist=False)
@@ -343,7 +353,7 @@ class DivergenceGuard(Callback):
         self.best = math.inf
 
     def on_before_backward(self, trainer: pl.Trainer, plan: SVIPlan, loss: torch.Tensor) -> None:
-        value = loss.item()
+        value = plan.last_loss  # this loss, already read to a float by the plan
         if not math.isfinite(value):
             raise TrainingError(f"loss became {value} at {where(trainer)}{kept(trainer)}")
         if self.best < math.inf and value > self.best + self.EXPLOSION * max(abs(self.best), 1.0):

@@ -22,7 +22,8 @@ import torch
 #: "Threads"), and the small models gain nothing.
 DEFAULT_THREADS = 1
 
-#: names accepted by ``--device`` / ``device=``; ``auto`` picks cuda, then mps, then cpu
+#: device names accepted by :func:`resolve_device` (``pyro_lvm.load(device=...)``); ``auto`` picks cuda, then mps,
+#: then cpu
 DEVICES = ("cpu", "cuda", "mps", "auto")
 #: names accepted by ``--accelerator`` / ``accelerator=`` (Lightning's, with ``cuda`` read as ``gpu``)
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")

@@ -271,18 +271,17 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     if callable(getattr(guide, "init_from_data", None)):
         guide.init_from_data(train)  # data-dependent initialisation of the guide, where it has one
     val = EvalConfig(iwae_k=config.val_samples, posterior_samples=config.val_samples)
-    plan = SVIPlan(model, guide, elbo, latent_sites=_latent_sites(model), total_size=n, params=[],
-                   optimizer=functools.partial(OPTIMIZERS[config.optimizer], lr=config.lr), lr_gamma=None,
+    plan = SVIPlan(model, guide, elbo, latent_sites=_latent_sites(model), total_size=n,
+                   optimizer=functools.partial(OPTIMIZERS[config.optimizer], lr=config.lr),
                    clip_norm=config.clip_norm, val_config=val)
     plan(train[: min(2, n)])  # creates the lazily built parameters of autoguides, before optimiser and DDP see them
     model_ids = {id(p) for p in model.parameters()}
     params = list(model.parameters()) if config.train_model else []
     if config.train_guide and isinstance(guide, torch.nn.Module):
         params += [p for p in guide.parameters() if id(p) not in model_ids]
-    plan._params = params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     epochs = config.epochs if params else min(config.epochs, 1)  # nothing to learn: one pass for the record
-    if params and config.lr_final_factor != 1.0:
-        plan._lr_gamma = config.lr_final_factor ** (1 / epochs)
+    plan.set_trainable(params, config.lr_final_factor ** (1 / epochs) if config.lr_final_factor != 1.0 else None)
     # minibatch order: its own generator, from the fit's seed (else drawn from the caller's RNG)
     order_seed = config.seed if config.seed is not None else int(torch.randint(2**62, ()).item())
     accelerator = _accelerator(config.accelerator, model)
@@ -310,14 +309,13 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     show_bar = not config.quiet and sys.stderr.isatty()
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(data.sampler) // 50)))
-    steps_per_epoch = len(data.sampler)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
         precision=config.precision, max_epochs=epochs, max_steps=config.max_steps or -1,
         check_val_every_n_epoch=config.eval_every, num_sanity_val_steps=0,
         limit_val_batches=None if valid is not None else 0,
         logger=False,
-        log_every_n_steps=max(1, min(50, steps_per_epoch)), callbacks=callbacks,
+        callbacks=callbacks,
         enable_checkpointing=best is not None or last is not None, enable_progress_bar=show_bar,
         enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
         default_root_dir=str(ckpt_dir) if ckpt_dir else None, plugins=[AtomicCheckpointIO()],
@@ -486,10 +484,10 @@ def _lightning_scope() -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = omp
 
 
-#: Lightning warnings that say nothing about this plan: it loads data in-process on purpose, logs once per epoch
-#: values it has already reduced over processes, writes checkpoints beside the run's other files, may have nothing
+#: Lightning warnings that say nothing about this plan: it loads data in-process on purpose, logs values it has
+#: already reduced over processes, writes checkpoints beside the run's other files, may have nothing
 #: to optimise; and torch deprecates a pytree API (LeafSpec) that Lightning 2.6 still calls
-_QUIET = (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*exists and is not empty.*",
+_QUIET = (".*does not have many workers.*", ".*exists and is not empty.*",
           ".*configure_optimizers.* returned `None`.*", ".*GPU available but not used.*",
           ".*`training_step` returns `None`.*", ".*You defined a `validation_step` but have no `val_dataloader`.*",
           ".*LeafSpec.*", ".*sync_dist=True.*")

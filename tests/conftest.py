@@ -30,6 +30,16 @@ def fake_mnist(tmp_path: Path) -> Path:
     return write_fake_mnist(tmp_path / "data")
 
 
+def binary_data(n: int, d: int, seed: int = 0, flip: float = 0.1) -> torch.Tensor:
+    """n 0/1 rows of width d: two random prototype patterns, each bit flipped with probability ``flip`` --
+    structure a VAE learns quickly."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(2, d, generator=g) < 0.5).float()
+    x = protos[torch.randint(0, 2, (n,), generator=g)]
+    flips = torch.rand(n, d, generator=g) < flip
+    return torch.where(flips, 1 - x, x)
+
+
 def write_fake_mnist(directory: Path) -> Path:
     rng = np.random.default_rng(0)
     arrays = {k: np.packbits((rng.random((500, 784)) < 0.13).astype(np.uint8), axis=1)

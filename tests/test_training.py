@@ -12,6 +12,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from conftest import binary_data
 from lightning.pytorch.callbacks import Callback
 
 from pyro_lvm import ConfigError, TrainConfig, build_guide, build_model, fit
@@ -21,14 +22,6 @@ from pyro_lvm.guides import FLOWS, GuideConfig
 from pyro_lvm.models import VAE, FactorAnalysis, FactorAnalysisConfig, GaussianMixture, GaussianMixtureConfig, VAEConfig
 from pyro_lvm.runtime import seeded
 from pyro_lvm.train import TrainingError, load_checkpoint
-
-
-def _binary(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    protos = (torch.rand(2, d, generator=g) < 0.5).float()
-    x = protos[torch.randint(0, 2, (n,), generator=g)]
-    flips = torch.rand(n, d, generator=g) < 0.1
-    return torch.where(flips, 1 - x, x)
 
 
 def _fa(seed: int = 0) -> tuple[FactorAnalysis, torch.Tensor]:
@@ -101,7 +94,7 @@ def test_early_stopping_restores_the_best_validation_state() -> None:
 
 
 def test_kl_warmup_is_linear_and_early_stopping_waits_for_it() -> None:
-    x = _binary(40, 12)
+    x = binary_data(40, 12)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
     guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
     r = fit(model, guide, x, x[:10], TrainConfig(epochs=6, batch_size=20, warmup_epochs=4, patience=1, quiet=True))
@@ -111,7 +104,7 @@ def test_kl_warmup_is_linear_and_early_stopping_waits_for_it() -> None:
 
 @pytest.mark.parametrize("spec", ["amortized", "amortized-fullcov"] + [f"{name}:2" for name in FLOWS.names()])
 def test_jit_training_matches_trace_setup_and_leaves_no_global_state(spec: str) -> None:
-    x = _binary(40, 12)
+    x = binary_data(40, 12)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
     guide = build_guide(spec, model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
     before = [p.detach().clone() for p in guide.parameters()]
@@ -170,7 +163,7 @@ def test_the_model_default_estimator_is_used_and_a_wrong_one_is_refused() -> Non
 @pytest.mark.parametrize("local", [False, True])
 def test_jit_fit_runs_in_its_own_param_store_scope(local: bool) -> None:
     """The caller's own Pyro parameters (global store) survive a JIT fit, and so does their setting."""
-    x = _binary(40, 12)
+    x = binary_data(40, 12)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
     guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
     with pyro.settings.context(module_local_params=local), pyro.get_param_store().scope():
@@ -234,7 +227,7 @@ class _InterruptAt(Callback):
 
 
 def _vae_fit(out: Path, hidden: tuple[int, ...] = (8,), **kw: Any) -> tuple[VAE, Any, Any]:
-    x = _binary(60, 12)
+    x = binary_data(60, 12)
     with seeded(0):
         model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=hidden))
         guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
@@ -268,7 +261,7 @@ def test_resuming_a_different_model_says_what_differs(tmp_path: Path) -> None:
 
 def test_a_loss_that_explodes_without_a_nan_stops_training_naming_the_step(tmp_path: Path) -> None:
     # lr 1e4 sends this VAE's loss from ~8 nats per point to ~1e8 and beyond without ever producing a NaN
-    x = _binary(200, 12)
+    x = binary_data(200, 12)
     with seeded(0):
         model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
         guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import binary_data
 
 from pyro_lvm.evaluate import EvalConfig, evaluate, per_point_bounds
 from pyro_lvm.experiments import vae as vae_experiment
@@ -16,15 +17,6 @@ from pyro_lvm.guides import FLOWS, GuideConfig, build_guide
 from pyro_lvm.models import VAE, VAEConfig
 from pyro_lvm.runtime import local_params
 from pyro_lvm.train import TrainConfig, fit
-
-
-def _binary(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # two prototype patterns plus flips: structure a VAE can learn quickly
-    protos = (torch.rand(2, d, generator=g) < 0.5).float()
-    x = protos[torch.randint(0, 2, (n,), generator=g)]
-    flips = torch.rand(n, d, generator=g) < 0.05
-    return torch.where(flips, 1 - x, x)
 
 
 def test_bernoulli_decoder_rejects_non_binary_data() -> None:
@@ -52,7 +44,7 @@ def test_gaussian_decoder_accepts_continuous_data_and_learns() -> None:
 
 def test_iwae_bounds_ELBO_and_rises_with_k() -> None:
     torch.manual_seed(0)
-    x = _binary(200, 12)
+    x = binary_data(200, 12, flip=0.05)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(16,)))
     guide = build_guide("amortized", model, GuideConfig(hidden=(16,)))
     fit(model, guide, x, None, TrainConfig(epochs=30, batch_size=50, lr=1e-2, quiet=True))
@@ -69,7 +61,7 @@ def test_iwae_bounds_ELBO_and_rises_with_k() -> None:
 
 
 def test_mixture_prior_trains() -> None:
-    x = _binary(32, 12)
+    x = binary_data(32, 12, flip=0.05)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,), prior="mog", prior_components=3))
     guide = build_guide("planar:2", model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
     result = fit(model, guide, x, None, TrainConfig(epochs=3, batch_size=16, quiet=True))
@@ -163,7 +155,7 @@ def test_every_guide_trains_every_decoder(spec: str, setup: str) -> None:
     torch.manual_seed(0)
     kw = DECODER_SETUPS[setup]
     d = 784 if kw.get("architecture") == "conv" else 12
-    x = _binary(8, d) if kw["decoder"] == "bernoulli" else torch.randn(8, d)
+    x = binary_data(8, d, flip=0.05) if kw["decoder"] == "bernoulli" else torch.randn(8, d)
     model = VAE(VAEConfig(data_dim=d, latent_dim=3, hidden=(8,), **kw))
     guide = build_guide(spec, model, GuideConfig(hidden=(8,), flow_hidden=(8,)))
     with local_params(model, guide):
