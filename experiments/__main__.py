@@ -3,8 +3,16 @@ the experiments, models, guides and data sets."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+from . import STANDALONE
+
+
+def _standalone(name: str) -> ModuleType:
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def overview() -> str:
@@ -13,13 +21,14 @@ def overview() -> str:
     from pyro_lvm.harness import EXPERIMENTS
     from pyro_lvm.models import MODELS
 
-    from . import load_all, quickstart
+    from . import load_all
 
     load_all()
 
     lines = ["usage: pyro-lvm EXPERIMENT [flags]   (pyro-lvm EXPERIMENT --help for its flags)", "", "experiments:"]
     lines += [f"  {name:<18} {EXPERIMENTS[name].summary}" for name in EXPERIMENTS]
-    lines += [f"  {'quickstart':<18} {quickstart.__doc__.strip().splitlines()[0]}", "", "models:"]
+    lines += [f"  {name:<18} {_standalone(name).__doc__.strip().splitlines()[0]}" for name in STANDALONE]
+    lines += ["", "models:"]
     lines += [f"  {name:<18} {(MODELS[name].__doc__ or '').strip().splitlines()[0]}" for name in MODELS]
     lines += ["", "guides (NAME or NAME:K):"]
     lines += [f"  {name + (':K' if GUIDES[name].arg_name else ''):<18} {GUIDES[name].summary}" for name in GUIDES]
@@ -33,7 +42,7 @@ def overview() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from pyro_lvm.harness import EXPERIMENTS
 
-    from . import load_all, quickstart
+    from . import load_all
     from .cli import run_cli, run_main
 
     load_all()
@@ -43,10 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(overview())
         return 0
     name, rest = args[0].replace("-", "_"), args[1:]
-    if name == "quickstart":
-        return run_main(quickstart.main, rest)
+    if name in STANDALONE:
+        return run_main(_standalone(name).main, rest)
     if name not in EXPERIMENTS:
-        print(f"error: unknown experiment {args[0]!r}; valid: {', '.join([*EXPERIMENTS.names(), 'quickstart'])}; "
+        print(f"error: unknown experiment {args[0]!r}; valid: {', '.join([*EXPERIMENTS.names(), *STANDALONE])}; "
               "see pyro-lvm --help", file=sys.stderr)
         return 2
     return run_cli(name, rest)

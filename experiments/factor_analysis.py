@@ -37,7 +37,8 @@ from .cli import run_cli
 FA_MODELS = ("factor_analysis", "ppca")
 
 
-def sklearn_baseline(model_name: str, ds: Dataset, latent_dim: int, seed: int) -> tuple[dict[str, Any], Any]:
+def sklearn_baseline(model_name: str, ds: Dataset, latent_dim: int, seed: int,
+                     max_iter: int = 10_000) -> tuple[dict[str, Any], Any]:
     """scikit-learn's maximum-likelihood fit on the train split, scored on test (mean nats per point)."""
     from sklearn.decomposition import PCA
     from sklearn.decomposition import FactorAnalysis as SkFA
@@ -50,7 +51,8 @@ def sklearn_baseline(model_name: str, ds: Dataset, latent_dim: int, seed: int) -
     else:
         with warnings.catch_warnings():  # EM to tight tolerance; its residual is far below our 0.5% target
             warnings.simplefilter("ignore", ConvergenceWarning)
-            est = SkFA(latent_dim, random_state=seed, max_iter=10_000, tol=1e-6).fit(train)
+            # exact SVD: on these small matrices LAPACK is 2-3x faster per EM step than the randomized default
+            est = SkFA(latent_dim, random_state=seed, max_iter=max_iter, tol=1e-6, svd_method="lapack").fit(train)
         name = "sklearn.FactorAnalysis"
     return {"name": name, "test": {"exact_log_likelihood": float(est.score(test))}}, est
 
@@ -99,6 +101,8 @@ class FAExperimentConfig(ExperimentConfig):
     keep: str = "best"
     #: ELBO estimator: trace or meanfield (analytic KL)
     elbo: str = "trace"
+    #: EM iterations of the scikit-learn baseline at most (it stops earlier at a relative change of 1e-6)
+    sklearn_max_iter: int = 10_000
     #: train / valid / test fractions of the data
     split: tuple[float, ...] = (0.6, 0.2, 0.2)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -108,7 +112,7 @@ class FAExperimentConfig(ExperimentConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.encoder_hidden = tuple(self.encoder_hidden)
-        check_config(self, positive_int=("latent_dim",), layers=("encoder_hidden",))
+        check_config(self, positive_int=("latent_dim", "sklearn_max_iter"), layers=("encoder_hidden",))
         check_choice(self, "model", FA_MODELS)
         check_choice(self, "fix_model", FIXED_MODELS.names())
         check_choice(self, "keep", ("best", "last"))
@@ -141,7 +145,7 @@ class FactorAnalysisExperiment(Experiment):
                               f"{ds.data_dim} features, got {cfg.latent_dim}")
 
     def baselines(self, cfg: FAExperimentConfig, ds: Dataset) -> list[dict[str, Any]]:
-        row, est = sklearn_baseline(cfg.model, ds, cfg.latent_dim, cfg.seed)
+        row, est = sklearn_baseline(cfg.model, ds, cfg.latent_dim, cfg.seed, cfg.sklearn_max_iter)
         ds.meta["sklearn_estimate"] = est  # --fix-model holds each guide's model there
         return [row]
 

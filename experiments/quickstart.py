@@ -39,7 +39,7 @@ def fa_section(seed: int, output: str, smoke: bool) -> dict[str, Any]:
     d = factor_analysis.FAExperimentConfig()
     cfg = factor_analysis.FAExperimentConfig(
         seed=seed, output=output, quiet=True, iwae_k=5 if smoke else 500,
-        guides=("exact", "amortized", "amortized-fullcov", "iaf:2"),
+        guides=("exact", "amortized", "amortized-fullcov", "iaf:2"), sklearn_max_iter=200 if smoke else 10_000,
         train=dataclasses.replace(d.train, epochs=3 if smoke else 1000, lr=0.03))
     return run_experiment(factor_analysis.FactorAnalysisExperiment(), cfg)
 

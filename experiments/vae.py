@@ -76,7 +76,7 @@ class VAEExperiment(Experiment):
     Config = VAEExperimentConfig
     summary = "VAEs (Bernoulli or Gaussian decoders) with every local guide, on ELBO and IWAE-K"
     train_flags = ("epochs", "warmup_epochs", "patience", "batch_size", "lr", "lr_final_factor", "max_steps",
-                   "num_particles")
+                   "num_particles", "objective")
     choices = {"decoder": DECODERS.names, "architecture": ARCHITECTURES.names, "activation": lambda: list(ACTIVATIONS),
                "prior": PRIORS.names}
 

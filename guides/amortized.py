@@ -22,8 +22,23 @@ from .registry import exact_posterior_available, register_guide
 class LocalPosterior:
     """Mixin of guides with a per-point q(z|x): :meth:`posterior` and :meth:`encode` for new points.
 
-    Subclasses provide ``distribution(x)`` (batch shape ``x.shape[:-1]``) and ``_model`` (a 1-tuple).
+    Subclasses provide ``distribution(x)`` (batch shape ``x.shape[:-1]``) and ``_model`` (a 1-tuple), and
+    split it in two for per-point (non-amortized) inference (:func:`pyro_lvm.gaps.inference_gaps`):
+
+    * ``local_parameters(x) -> dict[str, Tensor]``: every per-point quantity the guide computes from x, each
+      with the points on dim 0 — the coordinates of q(z|x) within the guide's family;
+    * ``distribution_from(params)``: the member of the family those quantities pick, batch shape (N,), so that
+      ``distribution_from(local_parameters(x))`` is ``distribution(x)``.
+
+    Giving each point its own free ``params`` turns the amortized family into the same family without the
+    encoder's constraint (Cremer et al. 2018, "Inference Suboptimality in Variational Autoencoders").
     """
+
+    def local_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not expose its per-point parameters")
+
+    def distribution_from(self, params: dict[str, torch.Tensor]) -> Distribution:
+        raise NotImplementedError(f"{type(self).__name__} does not expose its per-point parameters")
 
     def posterior(self, x: object) -> Distribution:
         """q(z|x) for new points ``x`` (array, tensor or DataFrame of shape (N, D)), batch shape (N,)."""
@@ -40,6 +55,20 @@ class LocalPosterior:
         except NotImplementedError:  # flows: no closed-form mean
             with seeded(seed), torch.no_grad():
                 return q.sample((num_samples,)).mean(0)
+
+
+def _take(params: dict[str, torch.Tensor], *names: str) -> list[torch.Tensor]:
+    """``params[name]`` for each name; a missing key is a ``ValueError`` naming what was expected."""
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"params: missing {', '.join(missing)}; pass what local_parameters(x) returns "
+                         f"(keys {', '.join(sorted(params)) or 'none'} given)")
+    return [params[n] for n in names]
+
+
+def _positive(raw: torch.Tensor) -> torch.Tensor:
+    """The heads' standard deviations from their unconstrained outputs: softplus, floored at 1e-6."""
+    return nn.functional.softplus(raw) + 1e-6
 
 
 def _scale_head(width: int, out: int, init_scale: float) -> nn.Linear:
@@ -83,10 +112,24 @@ class DiagonalGaussianGuide(AmortizedGuide):
         self.scale = _scale_head(width, k, config.init_scale)
 
     def base(self, h: torch.Tensor) -> dist.Independent:
-        return dist.Normal(self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-6).to_event(1)
+        return dist.Normal(self.loc(h), _positive(self.scale(h))).to_event(1)
 
     def distribution(self, x: torch.Tensor) -> Distribution:
         return self.base(self.encoder(x))
+
+    def head_parameters(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The Gaussian's per-point parameters from encoder features h (N, width): ``loc`` μ (N, k) and the
+        unconstrained ``scale`` s (N, k), σ = softplus(s) + 1e-6."""
+        return {"loc": self.loc(h), "scale": self.scale(h)}
+
+    def local_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loc`` μ(x) and unconstrained ``scale`` s(x), each (N, k)."""
+        return self.head_parameters(self.encoder(x))
+
+    def distribution_from(self, params: dict[str, torch.Tensor]) -> Distribution:
+        """N(μ, diag σ²) with σ = softplus(s) + 1e-6, batch shape (N,)."""
+        loc, scale = _take(params, "loc", "scale")
+        return dist.Normal(loc, _positive(scale)).to_event(1)
 
 
 class CholeskyAffine(torch.distributions.Transform):
@@ -140,17 +183,34 @@ class FullCovGaussianGuide(AmortizedGuide):
         self.register_buffer("_eye", torch.eye(k), persistent=False)
 
     def scale_tril(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tril_from(self.diag(h), self.OFFDIAG_SCALE * self.offdiag(h))
+
+    def tril_from(self, diag: torch.Tensor, offdiag: torch.Tensor) -> torch.Tensor:
+        """L = (I + M) diag σ: ``diag`` (..., k) is σ unconstrained (σ = softplus + 1e-6), ``offdiag``
+        (..., k(k−1)/2) fills M's strictly lower triangle row by row."""
         k = self.latent_dim
-        unit = h.new_zeros(h.shape[:-1] + (k, k))  # (..., k, k)
-        unit[..., self._rows, self._cols] = self.OFFDIAG_SCALE * self.offdiag(h)
-        scale = nn.functional.softplus(self.diag(h)) + 1e-6  # (..., k)
-        return (unit + self._eye) * scale.unsqueeze(-2)  # column j scaled by σⱼ; diagonal = σ
+        unit = offdiag.new_zeros(offdiag.shape[:-1] + (k, k))  # (..., k, k)
+        unit[..., self._rows, self._cols] = offdiag
+        return (unit + self._eye) * _positive(diag).unsqueeze(-2)  # column j scaled by σⱼ; diagonal = σ
 
     def distribution(self, x: torch.Tensor) -> Distribution:
         h = self.encoder(x)
         loc = self.loc(h)
         base = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
         return dist.TransformedDistribution(base, [CholeskyAffine(loc, self.scale_tril(h))])
+
+    def local_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loc`` μ(x) (N, k), unconstrained ``diag`` (N, k) and ``offdiag``, M's entries (N, k(k−1)/2), as
+        :meth:`tril_from` reads them. M itself, not its head's output (M / ``OFFDIAG_SCALE``), so that an
+        optimiser of the per-point parameters moves the correlations as fast as the means and scales."""
+        h = self.encoder(x)
+        return {"loc": self.loc(h), "diag": self.diag(h), "offdiag": self.OFFDIAG_SCALE * self.offdiag(h)}
+
+    def distribution_from(self, params: dict[str, torch.Tensor]) -> Distribution:
+        """N(μ, L Lᵀ) with L = :meth:`tril_from` (diag, offdiag), written as z = μ + L ε; batch shape (N,)."""
+        loc, diag, offdiag = _take(params, "loc", "diag", "offdiag")
+        base = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+        return dist.TransformedDistribution(base, [CholeskyAffine(loc, self.tril_from(diag, offdiag))])
 
 
 class ExactPosteriorGuide(LocalPosterior, PyroModule):
@@ -163,6 +223,14 @@ class ExactPosteriorGuide(LocalPosterior, PyroModule):
 
     def distribution(self, x: torch.Tensor) -> Distribution:
         return self._model[0].exact_posterior(x)
+
+    def local_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """None: q(z|x) = p(z|x) is fixed by the model, so there is nothing per point to optimise (``{}``)."""
+        return {}
+
+    def distribution_from(self, params: dict[str, torch.Tensor]) -> Distribution:
+        raise ValueError("params: the exact guide has no per-point parameters (local_parameters(x) is {}): its "
+                         "q(z|x) is the model's p(z|x); use distribution(x)")
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
         with data_plate(x.shape[0], total_size, x.device):

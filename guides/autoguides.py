@@ -60,14 +60,16 @@ class AutoFlowNormal(autoguide.AutoDiagonalNormal):
         hidden = [max(h, d) for h in self._hidden]  # an autoregressive net needs width >= its input
         n = self._num_transforms if d > 1 else 0  # one dimension: the affine part is all there is
         self.iafs = nn.ModuleList(T.affine_autoregressive(d, hidden, stable=True) for _ in range(n)).to(self.loc.dtype)
-        self._reverse = T.Permute(torch.arange(d - 1, -1, -1))
+        self._reverse = T.Permute(torch.arange(d - 1, -1, -1), cache_size=1)
 
     def transforms(self) -> list[torch.distributions.Transform]:
         """IAF layers, the coordinate order reversed between them, then θ = loc + scale ⊙ ·."""
         out: list[torch.distributions.Transform] = []
         for i, t in enumerate(self.iafs):
             out += [self._reverse, t] if i > 0 else [t]
-        return out + [T.AffineTransform(self.loc, self.scale)]
+        # cached: log q(θ) of the guide's own draw reads each layer's input from its cache instead of inverting the
+        # IAF one coordinate at a time (d sequential passes: ~8x the cost of an epoch without it)
+        return out + [T.AffineTransform(self.loc, self.scale, cache_size=1)]
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> Distribution:
         base = dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)

@@ -6,7 +6,7 @@ importing this package registers every model family and changes no global settin
 
 from pyro_lvm.registry import MODELS, Registry, UnknownNameError, register_model
 
-from . import factor_analysis, gaussian_mixture, vae  # noqa: F401  (registers)
+from . import bayesian_fa, factor_analysis, gaussian_mixture, vae  # noqa: F401  (registers)
 from .base import DATA_PLATE, LatentModel, ModelTraits, check_matrix, data_plate
 from .factor_analysis import PPCA, FactorAnalysis, FactorAnalysisConfig
 from .gaussian_mixture import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig

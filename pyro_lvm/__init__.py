@@ -17,6 +17,7 @@ from typing import Any
 from pyro_lvm.config import ConfigError
 from pyro_lvm.data import DataConfig, Dataset, from_array, load_dataset, load_file
 from pyro_lvm.evaluate import EvalConfig, evaluate
+from pyro_lvm.gaps import GapConfig, inference_gaps  # noqa: F401  (approximation vs amortization gap)
 from pyro_lvm.guides import GUIDES, GuideConfig, build_guide
 from pyro_lvm.inspect import to_inference_data
 from pyro_lvm.models import MODELS, LatentModel

@@ -18,6 +18,10 @@ proposal q(z|x) misses mass of p(z|x)), and the smoothed weights give a PSIS-cor
 How the bounds are computed is the model's choice (``model.evaluator``, a name in :data:`EVALUATORS`):
 ``importance`` samples a continuous local latent as above; ``mixture`` handles a discrete assignment
 and global latents (see :func:`mixture_bounds`).
+
+For models whose globals θ are latent and guided by q(θ), :func:`global_pareto_k` asks the same question
+of q(θ) on the training data: the Pareto k̂ of log w_s = log p(θ_s, x) − log q(θ_s), θ_s ~ q(θ), with any
+discrete local summed out.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +39,10 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import config_enumerate
+from pyro.infer.autoguide import AutoDelta
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_lvm.config import check_config
 from pyro_lvm.models.base import LatentModel
@@ -304,14 +313,22 @@ def mixture_bounds(model: Any, guide: Any, x: torch.Tensor, config: EvalConfig) 
     r"""Held-out bounds for a mixture with global latents θ and a discrete assignment c, per point.
 
     With θ_s ~ q(θ) (one draw for a point mass) and q(c|x) the amortized guide (or the exact
-    p(c|x, θ) when c is summed out or enumerated):
+    p(c|x, θ) when c is summed out or enumerated). Each bound is named with its own target:
 
-    * ``elbo`` = mean_s Σ_k q(k|x) [log p(x, c=k | θ_s) − log q(k|x)]  (exact over c: K terms)
-    * ``iwae`` = mean_s log (1/K') Σ_j p(x, c_j | θ_s) / q(c_j|x),  c_j ~ q(c|x), K' = ``iwae_k``
-    * ``expected_log_likelihood`` = mean_s log p(x | θ_s); ``assignment_gap`` = it − ``elbo``
-      = mean_s KL(q(c|x) ‖ p(c|x, θ_s)), the gap the assignment guide leaves
-    * ``predictive_log_likelihood`` = log (1/S) Σ_s p(x | θ_s), the posterior predictive
-    * ``exact_log_likelihood`` = log p(x | θ̂) at the guide's point estimate (the MAP for ``map``)
+    * ``elbo`` = mean_s Σ_k q(k|x) [log p(x, c=k | θ_s) − log q(k|x)]  (exact over c: K terms) and
+      ``iwae`` = mean_s log (1/K') Σ_j p(x, c_j | θ_s) / q(c_j|x), c_j ~ q(c|x), K' = ``iwae_k``: bounds
+      over the assignments on log p(x | θ_s), averaged over θ_s. Their target is therefore
+    * ``expected_log_likelihood`` = mean_s log p(x | θ_s), and the gaps the assignment guide leaves are
+      ``assignment_gap`` = it − ``elbo`` = mean_s KL(q(c|x) ‖ p(c|x, θ_s)) and ``assignment_gap_iwae`` =
+      it − ``iwae`` (both 0 when c is summed out or enumerated: q(c|x) is then the exact posterior).
+    * ``predictive_log_likelihood`` = log (1/S) Σ_s p(x | θ_s), the posterior predictive under q(θ) (at least
+      ``expected_log_likelihood``, by Jensen; the two are equal for a point mass).
+    * ``log_lik_at_point_estimate`` = log p(x | θ̂) at the guide's point estimate θ̂ (the MAP for ``map``, the
+      image of the base median for the others): a plug-in score, not the model's log p(x).
+
+    No exact log p(x) is reported: with latent globals the held-out target is the posterior predictive
+    log p(x | x_train), which needs p(θ | x_train). How far q(θ) is from it is :func:`global_pareto_k`'s
+    question, asked on the training data.
     """
     samples = 1 if guide.is_point_mass else config.posterior_samples
     log_q = guide.assignments.distribution(x).logits if guide.assignments is not None else None  # (N, K)
@@ -330,8 +347,9 @@ def mixture_bounds(model: Any, guide: Any, x: torch.Tensor, config: EvalConfig) 
         sums["iwae"] += _categorical_iwae(lj, log_q, config.iwae_k, config.max_rows)
     out = {k: v / samples for k, v in sums.items()}
     out["assignment_gap"] = out["expected_log_likelihood"] - out["elbo"]
+    out["assignment_gap_iwae"] = out["expected_log_likelihood"] - out["iwae"]
     out["predictive_log_likelihood"] = torch.logsumexp(torch.stack(log_px), 0) - math.log(samples)
-    out["exact_log_likelihood"] = model.log_likelihood_at(x, guide.point_estimate(x))
+    out["log_lik_at_point_estimate"] = model.log_likelihood_at(x, guide.point_estimate(x))
     return out
 
 
@@ -373,9 +391,12 @@ def evaluate(
     Evaluators that importance-sample a local latent (``importance``) also report the PSIS diagnostics of
     the per-point weights (:func:`pareto_k_summary`: ``pareto_k_mean``, ``pareto_k_max``,
     ``pareto_k_frac_above_0.7``; ``None`` when ``iwae_k`` < :data:`MIN_PSIS_SAMPLES`) and keep each point's
-    k̂ in ``per_point["pareto_k"]``. The ``mixture`` evaluator reports none: its weights over θ draws would
-    need the training data and log q(θ), which it does not see (see :func:`pyro_lvm.to_inference_data` for
-    per-point k̂ and PSIS-LOO there).
+    k̂ in ``per_point["pareto_k"]``. The ``mixture`` evaluator reports none: its weights over θ draws need
+    the training data and log q(θ) (:func:`global_pareto_k` computes that k̂ there; see
+    :func:`pyro_lvm.to_inference_data` for per-point k̂ and PSIS-LOO).
+
+    ``exact_log_likelihood`` is the model's exact log p(x) (:meth:`LatentModel.log_likelihood`), ``None``
+    where it has none; ``gap_elbo`` = it − ELBO and ``gap_iwae`` = it − IWAE-K are reported only beside it.
     """
     config = config or EvalConfig()
     config = dataclasses.replace(config, **overrides) if overrides else config
@@ -415,6 +436,125 @@ def evaluate(
         out["gap_iwae"] = out["exact_log_likelihood"] - out["iwae"]
         per_point["exact_log_likelihood"] = exact
     out["per_point"] = per_point
+    return out
+
+
+#: name of the plate that holds the draws θ_s in :func:`global_log_weights` (left of every model plate)
+GLOBAL_DRAWS_PLATE = "_global_draws"
+
+#: largest draws × points scored at once by :func:`global_log_weights` (as :attr:`EvalConfig.max_rows`)
+GLOBAL_MAX_ROWS = 25_000
+
+#: why a point-mass q(θ) gets no k̂
+POINT_MASS_NOTE = ("q(θ) is a point mass (AutoDelta, the map guide): it has no density, so the importance weights "
+                   "p(θ, x) / q(θ) are undefined and no k̂ is estimated")
+
+
+def _plate_nesting(*traces: Any) -> int:
+    """How many plate dims the sites of ``traces`` use (the innermost plate's dim counted from the right)."""
+    return max((-f.dim for tr in traces for site in tr.nodes.values() if site["type"] == "sample"
+                for f in site["cond_indep_stack"] if f.vectorized), default=0)
+
+
+def _log_density_per_draw(trace: Any, num_draws: int) -> torch.Tensor:
+    """Σ of every site's log-density in ``trace`` per draw of :data:`GLOBAL_DRAWS_PLATE`, shape (S,), with the
+    enumerated dims summed out (log-sum-exp) and every other plate multiplied out (summed in log space) — the
+    tensor-variable elimination ``TraceEnum_ELBO`` does, stopped at the draws' plate instead of summing it too."""
+    trace.compute_log_prob()  # scale and mask applied
+    trace.pack_tensors()
+    draws = trace.plate_to_symbol[GLOBAL_DRAWS_PLATE]
+    tree: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and not isinstance(site["fn"], _Subsample):
+            ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+            tree.setdefault(ordinal, []).append(site["packed"]["log_prob"])
+    sum_dims = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
+    # packing drops size-1 dims, so with one draw no term carries the draws' dim
+    has_draws = any(draws in t._pyro_dims for terms in tree.values() for t in terms)
+    out = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset({draws} if has_draws else ()))
+    return out.reshape(-1).expand(num_draws)
+
+
+@torch.no_grad()
+def global_log_weights(model: Any, guide: Any, x: torch.Tensor, num_samples: int,
+                       max_rows: int = GLOBAL_MAX_ROWS) -> torch.Tensor:
+    r"""log w_s = log p(θ_s) + Σ_n log p(x_n | θ_s) − log q(θ_s) for S = ``num_samples`` draws θ_s ~ q(θ), shape (S,).
+
+    q(θ) is ``guide.globals`` (a :class:`~pyro_lvm.guides.GlobalGuide`) or ``guide`` itself (an autoguide over
+    the model's globals). Generic over models, by Pyro traces: the draws sit in a plate left of every model plate;
+    the model is replayed on them over all of ``x`` (no subsampling, so no rescaling), with every unobserved
+    discrete site enumerated in parallel and summed out (a mixture's ``c`` under any assignment scheme: an amortized
+    q(c|x) is not used; a collapsed model has none); log q(θ) is the guide trace's log-density, Jacobians of its
+    transforms included. So each log w_s is −``TraceEnum_ELBO``'s loss for one particle with q(θ) alone as guide.
+    Run it with the model's and guide's parameters local (:func:`pyro_lvm.runtime.local_params`); draws come from
+    the caller's RNG, in chunks of at most ``max_rows`` draws × points.
+    """
+    q = getattr(guide, "globals", guide)
+    state = torch.get_rng_state()  # a probe trace learns the plate nesting without using up random numbers
+    try:
+        probe_q = poutine.trace(q).get_trace(x)
+        probe_p = poutine.trace(poutine.replay(model, trace=probe_q)).get_trace(x)
+    finally:
+        torch.set_rng_state(state)
+    nesting = _plate_nesting(probe_q, probe_p)
+    enumerable = config_enumerate(model, "parallel")
+    step = max(1, max_rows // max(1, x.shape[0]))
+    parts = []
+    for s0 in range(0, num_samples, step):
+        s = min(step, num_samples - s0)
+        with pyro.plate(GLOBAL_DRAWS_PLATE, s, dim=-(nesting + 1)):
+            guide_tr = poutine.trace(q).get_trace(x)
+            replayed = poutine.enum(poutine.replay(enumerable, trace=guide_tr), first_available_dim=-(nesting + 2))
+            model_tr = poutine.trace(replayed).get_trace(x)
+        parts.append(_log_density_per_draw(model_tr, s) - _log_density_per_draw(guide_tr, s))
+    return torch.cat(parts)
+
+
+def global_pareto_k(model: Any, guide: Any, x: object, *, num_samples: int = 1000,
+                    seed: int | None = None) -> dict[str, Any]:
+    r"""Can q(θ) stand in for p(θ | x)? The Pareto k̂ of S importance weights over the global latents.
+
+    For S draws θ_s ~ q(θ): log w_s = log p(θ_s) + Σ_n log p(x_n | θ_s) − log q(θ_s) over the whole of ``x``
+    (:func:`global_log_weights`: any discrete local summed out). Pass the data the guide was fitted to (the
+    training split): q(θ) approximates p(θ | x_train), and the weights are p(θ | x) / q(θ) up to p(x).
+    PSIS (:func:`psis`, ArviZ's ``psislw``) smooths them; returns
+
+    * ``pareto_k_theta``: k̂ (< 0.5: finite variance; > 0.7: q(θ) misses mass of p(θ|x); −inf: constant
+      weights, q(θ) is the posterior), and ``ess_theta`` = 1 / Σ_s w̃_s², the importance-sampling effective
+      sample size of the smoothed, normalised weights w̃ (from 1 to S);
+    * ``elbo_theta`` = (1/S) Σ_s log w_s and ``iwae_theta`` = log (1/S) Σ_s w_s, total nats over ``x``:
+      E[elbo_theta] = log p(x) − KL(q(θ) ‖ p(θ|x)) and E[iwae_theta] ≤ log p(x), so iwae_theta − elbo_theta
+      estimates a lower bound on that KL (tight only where k̂ is small);
+    * ``num_samples`` = S, ``num_points`` = N, and ``note`` (why k̂ is missing, else ``None``).
+
+    A point-mass q(θ) (the ``map`` guide's AutoDelta) has no density, so no weights: every estimate is ``None``
+    and ``note`` says why. Runs in eval mode with module-local Pyro parameters, without gradients; ``seed``
+    fixes the draws without touching the caller's RNG (``None``: draw from it). Raises ``ValueError`` naming
+    ``num_samples`` below :data:`MIN_PSIS_SAMPLES`, the fewest draws a Pareto tail fit takes.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < MIN_PSIS_SAMPLES:
+        raise ValueError(f"num_samples: must be an integer >= {MIN_PSIS_SAMPLES}, the fewest draws PSIS fits a "
+                         f"Pareto tail to, got {num_samples!r}")
+    x = model.validate(x, name="x") if hasattr(model, "validate") else torch.as_tensor(x)
+    out: dict[str, Any] = {"pareto_k_theta": None, "ess_theta": None, "elbo_theta": None, "iwae_theta": None,
+                           "num_samples": num_samples, "num_points": int(x.shape[0]), "note": None}
+    if getattr(guide, "is_point_mass", False) or isinstance(getattr(guide, "globals", guide), AutoDelta):
+        out["note"] = POINT_MASS_NOTE
+        return out
+    modules = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with local_params(model, guide), seeded(seed), torch.no_grad():
+            log_w = global_log_weights(model, guide, x, num_samples).double()
+    finally:
+        for m, mode in zip(modules, was_training, strict=True):
+            m.train(mode)
+    smoothed, k_hat = psis(log_w.unsqueeze(-1))
+    w = torch.softmax(smoothed[:, 0], 0)
+    out.update(pareto_k_theta=k_hat.item(), ess_theta=(1.0 / (w * w).sum()).item(), elbo_theta=log_w.mean().item(),
+               iwae_theta=(torch.logsumexp(log_w, 0) - math.log(num_samples)).item())
     return out
 
 

@@ -11,7 +11,9 @@ extends :class:`ExperimentConfig`; it overrides the hooks it needs (``build``, `
 3. baselines; then for each guide, under one seed: build, fit (or restore from an earlier run), evaluate
    on the test split, add the experiment's extras, save the fit (``checkpoints/<guide>/fitted.pt``, loadable
    with :func:`pyro_lvm.load`) and rewrite ``results.json`` atomically, so finished guides are never lost;
-4. figures.
+   with ``--inspect``, then write its posterior for a few test points (:meth:`Experiment.inspect`:
+   ``<guide>.nc`` and figures, an ``inspect`` entry in its row);
+4. figures (with ``--inspect`` also ``forest.png``, every guide's posterior side by side).
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ class ExperimentConfig:
     #: continue the stopped run in this directory (used as --output): finished guides are kept, the others resume
     #: from their last.ckpt
     resume: str | None = None
+    #: after each guide, inspect its posterior on a seeded random subset of the test split: <guide>.nc (ArviZ
+    #: InferenceData), <guide>_posterior.png, <guide>_ppc.png, <guide>_pair.png, a summary in results.json; and
+    #: forest.png comparing the guides
+    inspect: bool = False
+    #: test points --inspect draws for (fewer where pyro_lvm.inspect.MAX_VALUES bounds the draws)
+    inspect_points: int = 200
+    #: draws per point --inspect takes from each guide
+    inspect_samples: int = 200
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -75,7 +85,7 @@ class ExperimentConfig:
         self.columns = tuple(self.columns)
         if not self.guides:
             raise ConfigError("guides", "give at least one guide name")
-        check_config(self, positive_int=("iwae_k", "threads"))
+        check_config(self, positive_int=("iwae_k", "threads", "inspect_points", "inspect_samples"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if self.data is None and not self.dataset:
@@ -168,6 +178,24 @@ class Experiment:
 
     def guide_figures(self, cfg: Any, ds: Dataset, spec: str, model: LatentModel, guide: Any, prefix: str) -> None:
         """Figures of one fitted guide, written to files named ``prefix_*.png`` (default: none)."""
+
+    def inspect(self, cfg: Any, ds: Dataset, test: torch.Tensor, spec: str, model: LatentModel,
+                guide: Any) -> dict[str, Any]:
+        """``--inspect`` for one fitted guide: :func:`pyro_lvm.posterior_report.inspect_fit` on ``test`` (the
+        evaluated split) writes ``<guide>.nc`` and its figures into the output; returns the row's ``inspect``."""
+        from pyro_lvm.posterior_report import inspect_fit
+
+        return inspect_fit(model, guide, test, cfg.output, guide_tag(spec), num_points=cfg.inspect_points,
+                           num_samples=cfg.inspect_samples, seed=cfg.seed, feature_names=ds.meta.get("feature_names"),
+                           title=f"{self.name} on {source_name(cfg)}, {spec}")
+
+    def inspect_run(self, cfg: Any, netcdf: dict[str, Path]) -> None:
+        """``--inspect``, once per run: ``forest.png``, the focus of every inspected guide's posterior
+        (``netcdf``: spec -> its ``.nc``) side by side."""
+        from pyro_lvm.posterior_report import plot_forest, read_posterior
+
+        plot_forest({spec: read_posterior(path) for spec, path in netcdf.items()}, Path(cfg.output) / "forest.png",
+                    title=f"{self.name} on {source_name(cfg)}")
 
     def describe(self, row: dict[str, Any]) -> str:
         t = row["test"]
@@ -335,6 +363,8 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     data_info = {**ds.sizes(), "test": len(test), "provenance": ds.provenance()}
     finished = _finished_rows(out_dir) if cfg.resume else {}
+    inspected: dict[str, Path] = {}  # --inspect: guide spec -> its InferenceData file, for the run's forest plot
+    worker = _launched_worker()  # a data-parallel process other than rank 0: it helps fit, writes nothing
     for spec in cfg.guides:
         ckpt_dir = out_dir / "checkpoints" / guide_tag(spec)
         model, guide = experiment.build(cfg, ds, spec, cfg.seed)  # the same start whatever ran before
@@ -349,12 +379,20 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
             histories[spec], fitted[spec] = history, (f.model, f.guide)
             if not cfg.quiet:
                 print(f"{experiment.describe(row)}  (finished before the resume)", file=sys.stderr)
+            if cfg.inspect and not worker:  # inspected now unless the stopped run had (and was not killed doing it)
+                nc = out_dir / f"{guide_tag(spec)}.nc"
+                if "inspect" not in row or not nc.is_file():
+                    row["inspect"] = _inspect(experiment, cfg, ds, test, spec, f.model, f.guide)
+                    doc = payload(experiment.name, source_name(cfg), to_dict(cfg), data_info, results, baselines)
+                    write_results(out_dir, doc)
+                inspected[spec] = nc
             continue
         if cfg.from_checkpoints:
             model, guide, fr = restore(experiment, cfg, ds, spec, model, guide)
         else:
             model, guide, fr = experiment.fit(cfg, ds, spec, model, guide, train_cfg)
         if fr.rank != 0:  # data-parallel training: the other processes only help fit; rank 0 evaluates and writes
+            worker = True
             continue
         metrics = public(evaluate(model, guide, test, experiment.eval_config(cfg)))
         row: dict[str, Any] = {"guide": spec, "test": metrics, "train_seconds": fr.train_seconds,
@@ -375,6 +413,28 @@ def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
         write_results(out_dir, doc)  # after every guide: a long run never loses a finished guide
         if not cfg.quiet:
             print(f"{experiment.describe(row)}  ({fr.train_seconds:.1f}s)", file=sys.stderr)
+        if cfg.inspect:  # after the row is safe: a run stopped while inspecting is inspected again on --resume
+            row["inspect"] = _inspect(experiment, cfg, ds, test, spec, model, guide)
+            write_results(out_dir, doc)  # doc holds this row
+            inspected[spec] = out_dir / f"{guide_tag(spec)}.nc"
     if fitted:
         experiment.figures(cfg, ds, fitted, histories)
+    if inspected and not worker:
+        experiment.inspect_run(cfg, inspected)
     return doc
+
+
+def _launched_worker() -> bool:
+    """Whether this process was launched as a data-parallel process other than rank 0 (Lightning re-runs the
+    script in each, its rank in the environment), so that it writes nothing before its first fit says so."""
+    return any(os.environ.get(k, "0").strip() not in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _inspect(experiment: Experiment, cfg: Any, ds: Dataset, test: torch.Tensor, spec: str, model: LatentModel,
+             guide: Any) -> dict[str, Any]:
+    """``experiment.inspect`` for one guide, with a line saying what it wrote (unless quiet)."""
+    entry = experiment.inspect(cfg, ds, test, spec, model, guide)
+    if not cfg.quiet:
+        print(f"{'':>20}  inspected {entry['num_points']} test points: {entry['netcdf']} and "
+              f"{len(entry['figures'])} figures  ({entry['seconds']:.1f}s)", file=sys.stderr)
+    return entry

@@ -21,7 +21,7 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_lvm.evaluate import importance_traces, psis, trace_terms
+from pyro_lvm.evaluate import PARETO_K_THRESHOLD, importance_traces, psis, trace_terms
 from pyro_lvm.models.base import LatentModel
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded
@@ -179,6 +179,15 @@ def to_inference_data(
       and log q(c|x_n)), and ``pareto_k`` (point): the PSIS k̂ of each point's weights over the draws
       (``pyro_lvm.evaluate.psis``: NaN below 21 draws, −inf where the weights are constant, e.g. the exact
       posterior or a ``map`` mixture with exact assignments).
+      For every continuous local latent ``v`` (a float posterior variable whose first dim is ``point``: ``z``
+      where the model has one; not the mixture's discrete ``c``), also, per point and without the
+      draw dims: ``v_mean_raw`` = (1/S) Σ_s v_s, the guide's Monte Carlo mean, and ``v_mean_psis`` =
+      Σ_s w̃_s v_s, the PSIS-corrected posterior mean, with w̃_s = exp(log w̃_s) / Σ_t exp(log w̃_t) the
+      Pareto-smoothed, normalised importance weights of that point's draws (log w = log_p − log_q,
+      smoothed by ``pyro_lvm.evaluate.psis``). ``v_mean_psis`` estimates E_p[v | x_n] under the model's
+      posterior, not the guide's; it is NaN where it cannot be trusted: k̂ > 0.7 (the weights are too
+      heavy-tailed; Vehtari et al. 2024) or k̂ not estimated (fewer than 21 draws). Where k̂ = −inf (constant
+      weights, the exact posterior) it equals ``v_mean_raw``.
     * ``observed_data``: ``x`` (point, feature), the chosen points.
 
     Coordinates: ``point`` (the indices into ``data``), ``latent`` (0..k−1), ``feature`` (``feature_names``,
@@ -207,7 +216,7 @@ def to_inference_data(
     xp = x[torch.as_tensor(index, device=x.device)]
     with _eval_mode(model, guide), local_params(model, guide), seeded(seed), torch.no_grad():
         draws = inspector(model, guide, xp, num_samples)
-        _, pareto_k = psis(torch.from_numpy(draws.log_p - draws.log_q))  # in the model's dtype: see psis
+        smoothed, pareto_k = psis(torch.from_numpy(draws.log_p - draws.log_q))  # in the model's dtype: see psis
 
     attrs: dict[str, Any] = {
         "model": model.name, "guide": str(getattr(guide, "spec", type(guide).__name__)),
@@ -228,6 +237,12 @@ def to_inference_data(
 
     sample_stats = group({"log_p": draws.log_p, "log_q": draws.log_q}, {"log_p": ["point"], "log_q": ["point"]})
     sample_stats["pareto_k"] = ("point", pareto_k.numpy())
+    for name, (raw, corrected) in psis_means(draws, smoothed, pareto_k).items():
+        dims = draws.dims[name]
+        for suffix, values in (("raw", raw), ("psis", corrected)):
+            sample_stats[f"{name}_mean_{suffix}"] = (dims, values)
+    sample_stats = sample_stats.assign_coords({k: coords[k] for k in sample_stats.dims
+                                               if k in coords and k not in sample_stats.coords})
     return az.InferenceData(
         posterior=group(draws.posterior, draws.dims),
         posterior_predictive=group({"x": draws.x_rep}, {"x": ["point", "feature"]}),
@@ -235,6 +250,31 @@ def to_inference_data(
         sample_stats=sample_stats,
         observed_data=group({"x": _np(xp)}, {"x": ["point", "feature"]}, sampled=False),
     )
+
+
+def psis_means(draws: Draws, smoothed: torch.Tensor,
+               pareto_k: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    r"""(raw mean, PSIS-corrected mean) over the draws of every continuous local latent of ``draws``.
+
+    ``smoothed`` (S, P) are the Pareto-smoothed log-weights and ``pareto_k`` (P,) their k̂, from
+    :func:`pyro_lvm.evaluate.psis`. Raw: (1/S) Σ_s v_s; corrected: Σ_s w̃_s v_s with w̃ = softmax over the
+    draws of the smoothed log-weights, NaN for points whose k̂ is above
+    :data:`~pyro_lvm.evaluate.PARETO_K_THRESHOLD` or not estimated (NaN). Both (P, ...) in the draws' dtype.
+    A latent is *continuous local* when its dims start with ``point`` and its values are floating point
+    (the mixture's assignment ``c`` is neither averaged nor corrected).
+    """
+    weights = torch.softmax(smoothed, 0).numpy()  # (S, P), float64, each column sums to 1
+    untrusted = ~(pareto_k.numpy() <= PARETO_K_THRESHOLD)  # k̂ > 0.7, or NaN (no tail fit: not judged)
+    out = {}
+    for name, values in draws.posterior.items():
+        dims = draws.dims[name]
+        if not dims or dims[0] != "point" or not np.issubdtype(values.dtype, np.floating):
+            continue
+        raw = values.mean(0)
+        corrected = np.einsum("sp,sp...->p...", weights, values.astype(np.float64))
+        corrected[untrusted] = np.nan
+        out[name] = (raw, corrected.astype(values.dtype))
+    return out
 
 
 def _replicate(model_tr: Any, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -295,4 +335,5 @@ def _feature_coords(names: Sequence[str] | None, d: int) -> np.ndarray:
     return np.asarray(names)
 
 
-__all__ = ["INSPECTORS", "MAX_VALUES", "Draws", "local_latent_draws", "mixture_draws", "to_inference_data"]
+__all__ = ["INSPECTORS", "MAX_VALUES", "Draws", "local_latent_draws", "mixture_draws", "psis_means",
+           "to_inference_data"]

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-#: (key in a row's "test" dict, column title); rows lacking a key show "—"
+#: (key in a row's "test" dict, column title); a column shows when some row has a value for it, "—" where a row has none
 COLUMNS: list[tuple[str, str]] = [
     ("elbo", "ELBO"),
     ("iwae", "IWAE-K"),
     ("exact_log_likelihood", "exact log p(x)"),
-    ("predictive_log_likelihood", "predictive log p(x)"),
     ("gap_elbo", "gap exact−ELBO"),
     ("gap_iwae", "gap exact−IWAE"),
     ("analytic_mean_field_gap", "analytic MF gap"),
-    ("assignment_gap", "assignment gap"),
+    ("log_lik_at_point_estimate", "log p(x|θ̂)"),
+    ("predictive_log_likelihood", "log E_q(θ) p(x|θ)"),
+    ("expected_log_likelihood", "E_q(θ) log p(x|θ)"),
+    ("assignment_gap", "assignment gap ELBO"),
+    ("assignment_gap_iwae", "assignment gap IWAE"),
+    ("pareto_k_theta", "k̂ q(θ) train"),
+    ("ess_theta", "ESS q(θ) train"),
+    ("kl_theta_lower_bound", "KL(q(θ)‖p(θ|x))/N ≥"),
     ("reconstruction", "E log p(x|z)"),
     ("kl", "KL"),
     ("active_units", "active units"),
@@ -27,13 +34,43 @@ COLUMNS: list[tuple[str, str]] = [
     ("pareto_k_frac_above_0.7", "k̂ > 0.7"),
 ]
 
+#: key -> a sentence printed under any table that shows that key's column: what a column measures where its title
+#: cannot say it all
+COLUMN_NOTES: dict[str, str] = {
+    "log_lik_at_point_estimate": (
+        "log p(x|θ̂): the likelihood at a point estimate of the global latents θ (the guide's; EM's for the EM row), "
+        "a plug-in score, not the model's log p(x); log E_q(θ) p(x|θ) = log (1/S) Σ_s p(x|θ_s), θ_s ~ q(θ), is "
+        "the posterior predictive under q(θ), E_q(θ) log p(x|θ) its Jensen lower bound (all three equal for a "
+        "point-mass q(θ))."),
+    "assignment_gap": (
+        "ELBO and IWAE-K bound log p(x|θ) over the assignments c and are averaged over θ ~ q(θ), so their "
+        "target is E_q(θ) log p(x|θ): the assignment gaps are that minus each, the gap q(c|x) leaves (0 when c is "
+        "summed out or enumerated)."),
+    "pareto_k_theta": (
+        "k̂ q(θ), ESS q(θ) and KL/N ≥ are diagnostics of q(θ) against p(θ | x_train), on the training split: PSIS "
+        "over log w_s = log p(θ_s, x_train) − log q(θ_s) for S draws θ_s ~ q(θ) (S in results.json; k̂ > 0.7: "
+        "q(θ) misses posterior mass; ESS: the draws' worth, of S); KL/N ≥ = (IWAE-S − ELBO) of those weights per "
+        "training point, a lower bound on the gap KL(q(θ) ‖ p(θ|x_train)) that q(θ) leaves against "
+        "log p(x_train) (tight only where k̂ is small). — for a point-mass q(θ), which has no density."),
+}
+
 
 def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """A table cell: 3 decimals for reals; "—" for a missing value or NaN. A value that rounds to zero prints
+    0.000, never −0.000 (an exact −0.0 or a tiny negative gap is no sign of anything)."""
+    if v is None:
         return "—"
-    if isinstance(v, float):
-        return f"{v + 0.0 if round(v, 3) != 0 else 0.0:.3f}"  # an exact zero prints 0.000, never -0.000
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):  # float, NumPy floats
+        if math.isnan(v):
+            return "—"
+        text = f"{float(v):.3f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
     return str(v)
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: a bare "|" (as in p(x|z)) would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def payload(experiment: str, dataset: str, config: dict[str, Any], data: dict[str, int],
@@ -47,16 +84,17 @@ def results_table(payload: Mapping[str, Any]) -> str:
     """A Markdown table of every result and baseline row (mean nats per test point)."""
     rows = [(r["guide"], r["test"], r.get("train_seconds")) for r in payload.get("results", [])]
     rows += [(b["name"], b["test"], b.get("train_seconds")) for b in payload.get("baselines", [])]
-    used = [(k, t) for k, t in COLUMNS if any(k in test for _, test, _ in rows)]
+    used = [(k, t) for k, t in COLUMNS if any(test.get(k) is not None for _, test, _ in rows)]
     head = ["guide"] + [t for _, t in used] + ["train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(map(_cell, head)) + " |", "|" + "---|" * len(head)]
     for name, test, secs in rows:
         cells = [name] + [_fmt(test.get(k)) for k, _ in used] + [_fmt(secs)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     k = next((test.get("iwae_k") for _, test, _ in rows if test.get("iwae_k")), None)
     title = f"{payload.get('experiment', '')} on {payload.get('dataset', '')}"
     note = "Mean nats per test point" + (f"; IWAE-K with K = {k}." if k else ".")
-    return f"### {title}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
+    notes = [note] + [COLUMN_NOTES[key] for key, _ in used if key in COLUMN_NOTES]
+    return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:

@@ -176,8 +176,9 @@ def load(path: str | Path, *, device: str | torch.device | None = "cpu") -> Fitt
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pyro_lvm fitted-model file (expected format {FORMAT!r})")
     cls = MODELS[ckpt["model"]["name"]]
-    model = cls(from_dict(cls.Config, ckpt["model"]["config"]))
-    guide = build_guide(ckpt["guide"]["spec"], model, from_dict(GuideConfig, ckpt["guide"]["config"]))
+    with torch.random.fork_rng(devices=[]):  # the throw-away initial values must not use up the caller's RNG
+        model = cls(from_dict(cls.Config, ckpt["model"]["config"]))
+        guide = build_guide(ckpt["guide"]["spec"], model, from_dict(GuideConfig, ckpt["guide"]["config"]))
     target = resolve_device(device) or torch.device("cpu")
     dtype = next((v.dtype for v in ckpt["model"]["state"].values()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()), None)

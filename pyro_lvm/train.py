@@ -35,6 +35,7 @@ from pyro_lvm.runtime import ACCELERATORS, local_params, module_device, seeded
 from pyro_lvm.runtime import threads as runtime_threads
 
 from .evaluate import EvalConfig
+from .objectives import OBJECTIVES, objective_problem, parse_objective
 
 __all__ = ["ELBOS", "OPTIMIZERS", "AnnealLatents", "FitResult", "TrainConfig", "TrainingError", "check_elbo", "fit",
            "load_checkpoint", "resolve_elbo"]
@@ -112,6 +113,9 @@ class TrainConfig:
     num_particles: int = 1
     #: ELBO estimator, a name in ``ELBOS``; ``None``: the model's own default (``model.default_elbo``)
     elbo: str | None = None
+    #: training objective: ``elbo`` (the estimator above), ``iwae:K`` (per-point importance-weighted bound, K draws
+    #: per point) or ``iwae-dreg:K`` (the same bound, DReG gradients for the guide); see ``pyro_lvm.objectives``
+    objective: str = "elbo"
     #: epochs over which the weight on the latent terms (the KL) rises linearly to 1; 0 = no warm-up
     warmup_epochs: int = 0
     #: stop after this many epochs without a better validation ELBO (``None``: never)
@@ -168,6 +172,13 @@ class TrainConfig:
         if self.lr_final_factor > 1:
             raise ConfigError("lr_final_factor", f"must be in (0, 1] (the rate decays), got {self.lr_final_factor}")
         check_choice(self, "elbo", ELBOS.names())
+        try:
+            parse_objective(self.objective)
+        except (KeyError, ValueError) as e:
+            raise ConfigError("objective", str(e).strip("'\"")) from None
+        if self.objective.partition(":")[0] != "elbo" and self.elbo == "jit":
+            raise ConfigError("objective", f"{self.objective!r} does not run under the JIT (elbo='jit', the VAE's "
+                              "--jit); train it without the JIT")
         check_choice(self, "optimizer", OPTIMIZERS.names())
         check_choice(self, "accelerator", ACCELERATORS)
         check_choice(self, "strategy", STRATEGIES)
@@ -265,16 +276,29 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
 
     n = train.shape[0]
     batch = n if config.batch_size is None else min(int(config.batch_size), n)
-    jit = {"ignore_jit_warnings": True} if elbo_name == "jit" else {}
-    elbo = ELBOS[elbo_name](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
-                            max_plate_nesting=1, **jit)
+    objective, draws = parse_objective(config.objective)
+    if objective != "elbo":  # checked against the model in fit()
+        elbo = OBJECTIVES[objective].make(draws)
+        elbo_name = f"{objective}:{draws}"
+    else:
+        jit = {"ignore_jit_warnings": True} if elbo_name == "jit" else {}
+        elbo = ELBOS[elbo_name](num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
+                                max_plate_nesting=1, **jit)
     if callable(getattr(guide, "init_from_data", None)):
         guide.init_from_data(train)  # data-dependent initialisation of the guide, where it has one
     val = EvalConfig(iwae_k=config.val_samples, posterior_samples=config.val_samples)
     plan = SVIPlan(model, guide, elbo, latent_sites=_latent_sites(model), total_size=n,
                    optimizer=functools.partial(OPTIMIZERS[config.optimizer], lr=config.lr),
                    clip_norm=config.clip_norm, val_config=val)
-    plan(train[: min(2, n)])  # creates the lazily built parameters of autoguides, before optimiser and DDP see them
+    try:
+        plan(train[: min(2, n)])  # creates the lazily built parameters of autoguides, before optimiser and DDP see them
+    except (NotImplementedError, KeyError):  # DReG scores z under a detached copy of q, which flows without
+        entry = OBJECTIVES[objective]               # an analytic inverse (planar, radial) cannot do
+        if entry is None or not entry.needs_density:
+            raise
+        raise ConfigError("objective", f"{config.objective!r} needs a guide whose q(z|x) can score a given z "
+                          f"(Gaussian guides, exact, iaf, householder); {getattr(guide, 'spec', type(guide).__name__)}"
+                          " cannot (its flow has no analytic inverse); use iwae:K") from None
     model_ids = {id(p) for p in model.parameters()}
     params = list(model.parameters()) if config.train_model else []
     if config.train_guide and isinstance(guide, torch.nn.Module):
@@ -417,6 +441,9 @@ def fit(
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
     elbo_name = resolve_elbo(model, config.elbo)
+    problem = objective_problem(model.traits, config.objective, config.elbo, config.num_particles)
+    if problem is not None:
+        raise ConfigError("objective", problem)
     train = model.validate_training(train, name="training data")
     valid = None if valid is None else model.validate(valid, name="validation data")
     with runtime_threads(config.threads), seeded(config.seed), _lightning_scope():

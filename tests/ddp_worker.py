@@ -17,6 +17,20 @@ from pyro_lvm.models import FactorAnalysis, FactorAnalysisConfig
 from pyro_lvm.runtime import seeded
 
 
+def train(devices: int, batch_size: int, epochs: int) -> dict | None:
+    """The fit; rank 0 returns the parameters, history and step count (other ranks ``None``)."""
+    x, _ = make_factor_analysis_data(8, 4, 2, seed=0)
+    with seeded(0):
+        model = FactorAnalysis(FactorAnalysisConfig(4, 2))
+    guide = build_guide("exact", model)
+    fr = fit(model, guide, x, None, TrainConfig(
+        epochs=epochs, batch_size=batch_size, optimizer="sgd", lr=0.05, clip_norm=None, restore_best=False,
+        seed=0, quiet=True, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto"))
+    if fr.rank != 0:
+        return None
+    return {"state": model.state_dict(), "history": fr.history, "steps": fr.steps}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -26,15 +40,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    x, _ = make_factor_analysis_data(8, 4, 2, seed=0)
-    with seeded(0):
-        model = FactorAnalysis(FactorAnalysisConfig(4, 2))
-    guide = build_guide("exact", model)
-    fr = fit(model, guide, x, None, TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=0.05, clip_norm=None, restore_best=False,
-        seed=0, quiet=True, accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto"))
-    if fr.rank == 0:
-        torch.save({"state": model.state_dict(), "history": fr.history, "steps": fr.steps}, args.out)
+    result = train(args.devices, args.batch_size, args.epochs)
+    if result is not None:
+        torch.save(result, args.out)
 
 
 if __name__ == "__main__":

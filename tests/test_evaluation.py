@@ -76,3 +76,34 @@ def test_evaluation_restores_train_mode_and_the_callers_rng() -> None:
     state = torch.get_rng_state()
     evaluate(model, guide, x, iwae_k=3, seed=0)
     assert torch.equal(state, torch.get_rng_state()) and model.training and guide.training
+
+
+@pytest.mark.parametrize("value,text", [
+    (-0.0, "0.000"), (0.0, "0.000"), (-1e-12, "0.000"), (-0.0004, "0.000"), (np.float32(-1e-5), "0.000"),
+    (-0.0006, "-0.001"), (1.23456, "1.235"), (-2.1654, "-2.165"), (-math.inf, "-inf"), (math.nan, "—"),
+    (None, "—"), (3, "3"),
+])
+def test_table_cells_print_zero_without_a_sign(value: object, text: str) -> None:
+    """A gap that is exactly 0 (−0.0 from a subtraction) or rounds to zero prints 0.000, never −0.000."""
+    from pyro_lvm.report import _fmt
+
+    assert _fmt(value) == text
+
+
+def test_results_table_names_what_is_there_and_explains_it() -> None:
+    """A column no row has a value for is left out (the mixture's exact log p(x) is None: it has none); a column
+    with a note brings it under the table; a "|" in a title is escaped, so the Markdown row keeps its cells."""
+    from pyro_lvm.report import COLUMN_NOTES, results_table
+
+    rows = [{"guide": "map", "test": {"elbo": -2.0, "iwae": -2.0, "exact_log_likelihood": None,
+                                      "log_lik_at_point_estimate": -2.0, "assignment_gap": -0.0,
+                                      "pareto_k_theta": None}},
+            {"guide": "meanfield", "test": {"elbo": -2.5, "iwae": -2.4, "exact_log_likelihood": None,
+                                            "log_lik_at_point_estimate": -2.1, "assignment_gap": 0.0,
+                                            "pareto_k_theta": 0.9}}]
+    table = results_table({"experiment": "gaussian_mixture", "dataset": "toy", "results": rows, "baselines": []})
+    header = table.splitlines()[2]
+    assert header == "| guide | ELBO | IWAE-K | log p(x\\|θ̂) | assignment gap ELBO | k̂ q(θ) train | train s |"
+    assert "exact log p(x)" not in table and "-0.000" not in table and "| map | -2.000 |" in table
+    for key in ("log_lik_at_point_estimate", "assignment_gap", "pareto_k_theta"):
+        assert COLUMN_NOTES[key] in table

@@ -189,12 +189,13 @@ def test_diagonal_guide_trained_on_a_fixed_model_reaches_the_analytic_gap() -> N
     for spec in ("amortized", "amortized-fullcov"):
         pyro.set_rng_seed(0)
         guide = build_guide(spec, model, GuideConfig(hidden=()))
-        fit(model, guide, x, None, TrainConfig(epochs=400, batch_size=50, lr=0.02, lr_final_factor=0.02,
+        fit(model, guide, x, None, TrainConfig(epochs=200, batch_size=50, lr=0.05, lr_final_factor=0.01,
                                                num_particles=8, train_model=False, quiet=True, restore_best=False))
         pyro.set_rng_seed(0)
         gaps[spec] = exact - evaluate(model, guide, x, EvalConfig(iwae_k=500))["elbo"]
     # no diagonal Gaussian beats the analytic optimum (the 0.02 covers the ELBO's Monte Carlo error over
-    # 300 x 500 draws); a converged fit comes within 10% of it (2-3% over seeds 0-2)
+    # 300 x 500 draws); a converged fit comes within 10% of it (4-7% over seeds 0-1 at these 1,200 steps; the
+    # full-covariance guide leaves 2-6% of it)
     assert analytic - 0.02 < gaps["amortized"] < 1.1 * analytic, (gaps, analytic)
     assert gaps["amortized-fullcov"] < 0.1 * analytic, (gaps, analytic)
 

@@ -25,14 +25,13 @@ from pyro_lvm.evaluate import MIN_PSIS_SAMPLES, PsisAccumulator, log_weight_term
 from pyro_lvm.guides import GuideConfig
 from pyro_lvm.models import FactorAnalysis, FactorAnalysisConfig
 from pyro_lvm.models.gaussian_mixture import GaussianMixture, GaussianMixtureConfig, component_order
+from pyro_lvm.posterior_report import FOCUS_LATENTS, FOCUS_POINTS, GLOBAL_BUDGET, focus_of, write_netcdf
 from pyro_lvm.runtime import seeded
+from pyro_lvm.saving import materialize
 
 SMALL = GuideConfig(hidden=(8,), flow_hidden=(8,))
 PAIRS = [(m, g) for m in MODELS.names() for g in GUIDES.names()
          if GUIDES[g].requires(MODELS[m].example()[0].traits) is None]
-#: pairs whose netCDF round trip is checked: one per model family, plus the exact guide's −inf k̂ (writing and
-#: reading a file costs ~0.6 s, and the files of the other guides differ only in their numbers)
-ROUND_TRIP = {*(next(p for p in PAIRS if p[0] == m) for m in MODELS.names()), ("factor_analysis", "exact")}
 GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data")
 
 
@@ -44,13 +43,37 @@ def _fitted(model_name: str, guide_name: str) -> tuple[pyro_lvm.LatentModel, obj
     return model, guide, x
 
 
-@pytest.mark.parametrize("model_name,guide_name", PAIRS)
-def test_every_fit_exports_to_arviz(tmp_path: Path, model_name: str, guide_name: str) -> None:
-    """Groups, dims and shapes as documented; az.summary and az.plot_posterior work; netCDF keeps every array."""
-    import matplotlib
-    import matplotlib.pyplot as plt
+def _built(model_name: str, guide_name: str) -> tuple[pyro_lvm.LatentModel, object, torch.Tensor]:
+    """An unfitted guide on the model's example, its lazily built parameters made: what is exported and how
+    does not depend on the fit (each fit costs ~0.15 s, and there are ~30 pairs)."""
+    with seeded(0):
+        model, x = MODELS[model_name].example(seed=0)
+        guide = build_guide(guide_name, model, SMALL)
+    materialize(model, guide)
+    return model, guide, x
 
-    model, guide, x = _fitted(model_name, guide_name)
+
+def rc_snapshot() -> dict[str, object]:
+    """matplotlib's rcParams as a plain dict, read without resolving the backend (``rcParams["backend"]``, and so
+    ``rcParams == other``, which reads every key, would pick one and import pyplot's choice)."""
+    import matplotlib
+
+    return {k: dict.__getitem__(matplotlib.rcParams, k) for k in dict.keys(matplotlib.rcParams)}
+
+
+def _continuous_local(posterior: object) -> list[str]:
+    return [v for v in posterior.data_vars
+            if posterior[v].dims[2:3] == ("point",) and np.issubdtype(posterior[v].dtype, np.floating)]
+
+
+@pytest.mark.parametrize("model_name,guide_name", PAIRS)
+def test_every_pair_exports_to_arviz(tmp_path: Path, model_name: str, guide_name: str) -> None:
+    """Groups, dims and shapes as documented (read from the draws' dims: no site is assumed); the raw and PSIS
+    means of every continuous local latent; az.summary, az.plot_posterior on an Agg figure (no pyplot), a
+    netCDF round trip (atomic write) that keeps every array; az.loo for every model with Bayesian globals."""
+    from matplotlib.figure import Figure
+
+    model, guide, x = _built(model_name, guide_name)
     points, s = [0, 3, 5], 30
     idata = to_inference_data(model, guide, x, num_samples=s, points=points, seed=0)
     assert set(GROUPS) <= set(idata.groups())
@@ -65,35 +88,61 @@ def test_every_fit_exports_to_arviz(tmp_path: Path, model_name: str, guide_name:
     np.testing.assert_array_equal(idata.observed_data["x"].values, x[points].numpy())
     assert idata.posterior.coords["point"].values.tolist() == points
     assert idata.posterior_predictive.coords["feature"].values.tolist() == list(range(d))
+    post = idata.posterior
+    for name, array in post.data_vars.items():
+        assert array.dims[:2] == ("chain", "draw") and array.shape[:2] == (1, s), name
     if model.local_site is not None:
-        assert idata.posterior["z"].dims == ("chain", "draw", "point", "latent")
-        assert idata.posterior["z"].shape == (1, s, p, model.latent_dim)
-    else:  # the mixture: its globals, components ordered by weight, and each point's assignment
+        assert post[model.local_site].dims == ("chain", "draw", "point", "latent")
+        assert post[model.local_site].shape == (1, s, p, model.latent_dim)
+    if isinstance(model, GaussianMixture):  # its globals, components ordered by weight, and each point's assignment
         k = model.num_components
-        assert idata.posterior["weights"].shape == (1, s, k) and idata.posterior["locs"].shape == (1, s, k, d)
-        assert idata.posterior["scales"].dims == ("chain", "draw", "component", "feature")
-        assert idata.posterior["corr_chol"].shape == (1, s, k, d, d)  # the example has full covariances
-        assert idata.posterior["c"].shape == (1, s, p) and set(np.unique(idata.posterior["c"])) <= set(range(k))
-    attrs = idata.posterior.attrs
+        assert post["weights"].shape == (1, s, k) and post["locs"].shape == (1, s, k, d)
+        assert post["scales"].dims == ("chain", "draw", "component", "feature")
+        assert post["corr_chol"].shape == (1, s, k, d, d)  # the example has full covariances
+        assert post["c"].shape == (1, s, p) and set(np.unique(post["c"])) <= set(range(k))
+    attrs = post.attrs
     assert attrs["model"] == model_name and attrs["guide"] == guide_name and attrs["num_samples"] == s
     for key in ("pyro_lvm_version", "pyro_version", "torch_version", "arviz_version"):
         assert attrs[key]
 
+    # every continuous local latent v gets v_mean_raw (the draws' mean) and v_mean_psis (NaN where k̂ > 0.7)
+    k_hat = idata.sample_stats["pareto_k"].values
+    local = _continuous_local(post)
+    assert {f"{v}_mean_{m}" for v in local for m in ("raw", "psis")} == \
+        {n for n in idata.sample_stats.data_vars if "_mean_" in n}
+    for v in local:
+        raw, corrected = idata.sample_stats[f"{v}_mean_raw"], idata.sample_stats[f"{v}_mean_psis"]
+        assert raw.dims == corrected.dims == post[v].dims[2:]
+        np.testing.assert_allclose(raw.values, post[v].values[0].mean(0), rtol=1e-6, atol=1e-6)
+        untrusted = ~(k_hat <= 0.7)
+        assert np.isnan(corrected.values[untrusted]).all() and np.isfinite(corrected.values[~untrusted]).all()
+
     summary = az.summary(idata, kind="stats")
     assert len(summary) > 0 and np.isfinite(summary["mean"]).all()
-    var = "z" if model.local_site is not None else "locs"
-    with matplotlib.rc_context():
-        az.plot_posterior(idata, var_names=[var], coords={"point": [3]} if var == "z" else None)
-    plt.close("all")
+    focus = focus_of(post)
+    assert focus.local == (not model.traits.global_sites)  # the guides' latents: the globals where there are any
+    n = sum(math.prod(v.shape[2:]) for v in focus.select(post).data_vars.values())
+    assert 1 <= n <= max(GLOBAL_BUDGET, FOCUS_POINTS * FOCUS_LATENTS)
+    shown = focus_of(post, points=1, budget=2).select(post)  # two panels: a plot's cost is its panels
+    n = sum(math.prod(v.shape[2:]) for v in shown.data_vars.values())
+    before = rc_snapshot()
+    fig = Figure()
+    az.plot_posterior(shown, ax=fig.subplots(1, n, squeeze=False).ravel(), show=False)
+    assert fig.axes[0].has_data() and rc_snapshot() == before
 
-    if (model_name, guide_name) not in ROUND_TRIP:
-        return
-    idata.to_netcdf(tmp_path / "fit.nc")
+    write_netcdf(idata, tmp_path / "fit.nc")
     loaded = az.from_netcdf(tmp_path / "fit.nc")
     for group in GROUPS:
         for name, array in idata[group].data_vars.items():
             np.testing.assert_array_equal(loaded[group][name].values, array.values, err_msg=f"{group}.{name}")
     assert loaded.posterior.attrs["guide"] == guide_name
+    assert [f.name for f in tmp_path.iterdir()] == ["fit.nc"]  # no temporary file left
+
+    if model.traits.global_sites:  # PSIS-LOO over draws θ ~ q(θ); a point mass makes every draw the same θ̂
+        loo = az.loo(idata, pointwise=True)
+        assert loo.pareto_k.shape == (p,) and math.isfinite(loo.elpd_loo)
+        if guide.is_point_mass:  # equal weights: elpd_loo = Σ_n log p(x_n | θ̂) (draws equal to float32 rounding)
+            assert loo.elpd_loo == pytest.approx(idata.log_likelihood["x"].values[0, 0].sum(), abs=1e-3)
 
 
 def test_mixture_draws_are_relabelled_by_weight_and_loo_works() -> None:
@@ -303,6 +352,49 @@ def test_local_groups_line_up_draw_by_draw_with_the_closed_forms() -> None:
     resid = ((torch.as_tensor(idata.posterior_predictive["x"].values[0]) - loc) / sd).flatten()
     se = 1 / math.sqrt(resid.numel())
     assert abs(resid.mean().item()) < 4 * se and abs(resid.var().item() - 1) < 4 * math.sqrt(2) * se
+
+
+@pytest.mark.usefixtures("float64")
+def test_psis_means_of_the_exact_guide_are_its_raw_means_and_the_posterior_mean() -> None:
+    """Exact guide on FA: constant weights, k̂ = −inf < 0.5 for every point, so the smoothed weights are uniform
+    and Σ w̃ z is the plain mean (equal to rounding: the difference has no Monte Carlo error); both are within
+    4 Monte Carlo standard errors (posterior sd / √S, the draws being independent) of the exact E[z | x]."""
+    model, x = _rotated_fa(n=25)
+    S = 400
+    idata = to_inference_data(model, build_guide("exact", model), x, num_samples=S, seed=0)
+    k = idata.sample_stats["pareto_k"].values
+    assert (k < 0.5).all() and np.isneginf(k).all()
+    raw, corrected = (idata.sample_stats[f"z_mean_{m}"].values for m in ("raw", "psis"))
+    assert idata.sample_stats["z_mean_psis"].dims == ("point", "latent")
+    np.testing.assert_allclose(corrected, raw, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        exact = model.exact_posterior(x).mean.numpy()
+        se = (model.posterior_covariance().diagonal() / S).sqrt().numpy()
+    assert (np.abs(raw - exact) < 4 * se).all(), np.abs(raw - exact).max(0) / se
+
+
+@pytest.mark.usefixtures("float64")
+def test_psis_means_are_evaluations_on_the_same_draws_and_nan_where_k_is_high() -> None:
+    """A too-narrow diagonal guide (scales × 0.7: k̂ ≈ 1 − 0.7²(1 − |ρ|) ≈ 0.7, so the points fall on both sides of
+    the threshold). One seed and one chunk give to_inference_data and per_point_bounds the same draws (their k̂
+    agree exactly): the raw mean is evaluation's z_mean, the corrected mean its z_mean_psis where k̂ ≤ 0.7 and
+    NaN exactly where k̂ > 0.7. (That z_mean_psis corrects a biased proposal is
+    test_the_psis_mean_corrects_a_shifted_proposal.)"""
+    model, x = _rotated_fa(n=20)
+    guide = _diagonal_guide(model, scale=0.7)
+    S = 400
+    idata = to_inference_data(model, guide, x, num_samples=S, seed=1)
+    with seeded(1):
+        b = per_point_bounds(model, guide, x, S)
+    k = idata.sample_stats["pareto_k"].values
+    np.testing.assert_array_equal(k, b["pareto_k"].numpy())
+    high = k > 0.7
+    assert 0 < high.sum() < len(k), k  # both kinds of point: the test has work to do
+    raw, corrected = (idata.sample_stats[f"z_mean_{m}"].values for m in ("raw", "psis"))
+    np.testing.assert_allclose(raw, b["z_mean"].numpy(), rtol=0, atol=1e-12)
+    assert np.isnan(corrected[high]).all()
+    np.testing.assert_allclose(corrected[~high], b["z_mean_psis"].numpy()[~high], rtol=0, atol=1e-12)
+    assert not np.allclose(corrected[~high], raw[~high], rtol=0, atol=1e-3)  # the weights did reweight
 
 
 def test_inputs_coordinates_seeds_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,8 +78,10 @@ def test_a_stopped_run_says_how_to_continue_and_resume_finishes_it(
     code path, and the kill -9 test below resumes too)."""
     data, whole = uninterrupted
     out = tmp_path / "run"
-    # stop during the second guide's training: the first guide's results must survive
-    stopped = _start_and_stop(_cmd(*_flags(data, out)), out, sig, out / "checkpoints" / "planar_2" / "last.ckpt")
+    # stop once the first guide is written, while the second one trains: the first guide's results must survive.
+    # (Waiting for the second guide's first checkpoint instead left too little of the run on a loaded machine:
+    # it could finish before the signal arrived.)
+    stopped = _start_and_stop(_cmd(*_flags(data, out)), out, sig, out / "results.json")
     assert stopped.returncode == code, stopped.stderr[-2000:]
     lines = stopped.stderr.strip().splitlines()
     assert "Traceback" not in stopped.stderr and len(lines) == 1 and lines[0].startswith(f"{word}: "), lines

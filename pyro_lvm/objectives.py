@@ -1,0 +1,183 @@
+r"""Training objectives beside the ELBO: the per-point importance-weighted bound (IWAE) and its DReG gradients.
+
+For a model with a per-point latent z_n and K draws z_{n,k} ~ q(z|x_n), with log weights
+log w_{n,k} = log p(x_n, z_{n,k}) − log q(z_{n,k}|x_n), the IWAE bound (Burda et al. 2016) is
+
+.. math::
+    \mathcal L_K = \sum_{n=1}^N \log \frac1K \sum_{k=1}^K w_{n,k} \;\le\; \sum_n \log p(x_n),
+
+one log-mean-exp **per data point**; a minibatch of B points is rescaled by N / B, so the minibatch objective is an
+unbiased estimate of the full-data one. ``K = 1`` is the ELBO.
+
+Why not Pyro's ``RenyiELBO(alpha=0)``: in Pyro 1.9 it keeps an independent data plate out of the
+log-mean-exp, so on a full batch it *is* 𝓛_K (equal to float rounding). Under minibatching it puts the
+plate's scale N/B inside: it maximises Σ_n log (1/K) Σ_k w_{n,k}^{N/B}. By the power-mean inequality that is
+≥ (N/B) Σ_n log (1/K) Σ_k w_{n,k}, the rescaled bound, with equality only for K = 1 or constant weights: it is
+not an unbiased estimate of 𝓛_K, nor a lower bound on log p(x), and it overweights the largest weight as N/B
+grows (with N/B = 500, as in MNIST's minibatches of 100, one draw dominates). ``tests/test_objectives.py``
+checks both statements against Pyro's own loss (the issue is Pyro's #3104 and NumPyro's #1607; plates were
+kept out in Pyro PR #2321).
+
+Gradients. ``iwae:K`` differentiates 𝓛_K's Monte Carlo estimate through the reparameterised draws: for the model
+Σ_k w̃_k ∇_θ log w_k, for the guide the same with the path through z; both unbiased for ∇𝓛_K, but the guide's
+signal-to-noise ratio falls as K grows (Rainforth et al. 2018). ``iwae-dreg:K`` (doubly reparameterised, Tucker
+et al. 2019) keeps the model's gradient and gives the guide
+
+.. math::
+    \nabla_\phi \mathcal L_K = \mathbb E\Big[\sum_k \tilde w_k^2\,
+        \frac{\partial \log w_k}{\partial z_k}\frac{\partial z_k}{\partial \phi}\Big],
+    \qquad \tilde w_k = w_k / \textstyle\sum_j w_j,
+
+with log q evaluated at *stopped* guide parameters (only the path through z remains), which is also unbiased and
+whose variance vanishes as q approaches the posterior. It is implemented with one backward pass: log w uses a
+detached copy of q (``pyro.distributions.util.detach``), the surrogate is −Σ_k w̃_k log w_k, and a gradient hook on
+each draw z_k multiplies its incoming gradient by w̃_k, so the guide receives w̃_k² ∂ log w_k/∂z_k while the model
+receives w̃_k ∇_θ log p. The guide's q must score a given z at detached parameters: Gaussian guides can, flows
+without an analytic inverse (planar, radial) cannot and are refused.
+
+Warm-up (``TrainConfig.warmup_epochs``) scales log p(z) and log q(z|x) by β as for the ELBO (the plate's
+minibatch scale is divided out first), so the weights are p(x|z) (p(z)/q(z|x))^β.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import detach
+from pyro.infer import ELBO
+
+from pyro_lvm.models.base import DATA_PLATE, ModelTraits
+from pyro_lvm.registry import Registry
+
+
+class IWAELoss(ELBO):
+    r"""−𝓛_K, the per-point importance-weighted bound with ``num_samples`` = K draws per point (see the module).
+
+    Called as Pyro calls an ELBO: ``IWAELoss(K)(model, guide)(x, total_size=N)`` or
+    ``differentiable_loss(model, guide, x, total_size=N)``. ``dreg=True`` gives the guide DReG gradients.
+    Every latent site must sit in the data plate (a per-point latent): a global latent has no per-point bound.
+    """
+
+    def __init__(self, num_samples: int, *, dreg: bool = False, max_plate_nesting: int = 1) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: must be an integer >= 1, got {num_samples!r}")
+        super().__init__(num_particles=1, max_plate_nesting=max_plate_nesting)
+        self.num_samples, self.dreg = num_samples, dreg
+
+    def log_weights(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """(log w of shape (K, B), the guide's draws that carry gradient, the minibatch scale N/B)."""
+        with pyro.plate("iwae_particles", self.num_samples, dim=-(self.max_plate_nesting + 1)):
+            guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+        scale = _plate_scale(model_tr)
+        log_w: torch.Tensor | float = 0.0
+        draws = []
+        for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
+            for name, site in tr.nodes.items():
+                if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                    continue
+                if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                    raise ValueError(f"iwae: site {name!r} is outside the {DATA_PLATE!r} plate; the per-point bound "
+                                     "needs every latent to be per point (train global latents with the ELBO)")
+                fn = site["fn"]
+                if sign < 0 and self.dreg:
+                    fn = detach(fn)  # only the path through z reaches the guide's parameters
+                    if site["value"].requires_grad:
+                        draws.append(site["value"])
+                # the site's scale is β (warm-up) × N/B (the plate's minibatch scale): keep β, drop N/B
+                log_w = log_w + sign * (site["scale"] / scale) * fn.log_prob(site["value"])
+        assert isinstance(log_w, torch.Tensor)
+        return log_w.reshape(self.num_samples, -1), draws, scale
+
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
+        log_w, draws, scale = self.log_weights(model, guide, *args, **kwargs)
+        bound = (torch.logsumexp(log_w, 0) - math.log(self.num_samples)).sum() * scale
+        if not self.dreg:
+            return -bound
+        w = torch.softmax(log_w.detach(), 0)  # (K, B) self-normalised weights
+        for z in draws:  # z: (K, B, ...) -> its gradient from log w is scaled by w̃, making w̃² for the guide
+            factor = w.reshape(w.shape + (1,) * (z.dim() - w.dim()))
+            z.register_hook(lambda g, f=factor: g * f)
+        surrogate = (w * log_w).sum() * scale
+        return -bound.detach() - (surrogate - surrogate.detach())
+
+    def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def _get_trace(self, model: Any, guide: Any, args: Any, kwargs: Any) -> Any:
+        raise NotImplementedError("IWAELoss draws its own vectorised traces (log_weights)")
+
+
+def _plate_scale(trace: Any) -> float:
+    """N / B of the data plate in a trace (1 without minibatching)."""
+    for site in trace.nodes.values():
+        for frame in site.get("cond_indep_stack", ()):
+            if frame.name == DATA_PLATE and frame.full_size is not None:  # size: the minibatch's; full_size: N
+                return float(frame.full_size) / float(frame.size)
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective ``NAME[:K]``: ``make(K)`` builds its Pyro loss; ``dreg`` marks DReG gradients."""
+
+    make: Callable[[int], ELBO]
+    summary: str
+    default_k: int
+    #: whether the guide's q must score a given z at stopped parameters
+    needs_density: bool = False
+
+
+#: objectives beside the ELBO estimators of ``pyro_lvm.train.ELBOS``; ``elbo`` means "the estimator in ``elbo``"
+OBJECTIVES: Registry[Objective | None] = Registry("objective")
+OBJECTIVES.register("elbo")(None)
+OBJECTIVES.register("iwae")(Objective(lambda k: IWAELoss(k), "per-point IWAE bound, K draws per point", 5))
+OBJECTIVES.register("iwae-dreg")(Objective(lambda k: IWAELoss(k, dreg=True),
+                                           "per-point IWAE bound with DReG guide gradients (Tucker et al. 2019)", 5,
+                                           needs_density=True))
+
+
+def parse_objective(spec: str) -> tuple[str, int | None]:
+    """``"iwae:5"`` -> ("iwae", 5); ``"elbo"`` -> ("elbo", None). Unknown names raise, listing the valid ones."""
+    name, _, arg = str(spec).strip().partition(":")
+    entry = OBJECTIVES[name]
+    if entry is None:
+        if arg:
+            raise ValueError(f"objective {spec!r}: 'elbo' takes no ':K' (set num_particles for more draws)")
+        return name, None
+    if not arg:
+        return name, entry.default_k
+    try:
+        k = int(arg)
+    except ValueError:
+        raise ValueError(f"objective {spec!r}: K (draws per point) must be an integer") from None
+    if k < 1:
+        raise ValueError(f"objective {spec!r}: K (draws per point) must be >= 1")
+    return name, k
+
+
+def objective_problem(traits: ModelTraits, spec: str, elbo: str | None, num_particles: int) -> str | None:
+    """Why ``spec`` cannot train a model with ``traits`` under these settings, or ``None`` when it can."""
+    name, _ = parse_objective(spec)
+    if OBJECTIVES[name] is None:
+        return None
+    if traits.local_site is None or traits.global_sites or traits.local_discrete_site:
+        return (f"{name} is a per-point bound and needs a model whose only latent is a continuous per-point z; "
+                f"{traits.name} has global or discrete latents (train it with the ELBO)")
+    if elbo not in (None, "trace"):
+        return f"{name} replaces the ELBO estimator; leave elbo unset (got elbo={elbo!r}, which would train the ELBO)"
+    if num_particles != 1:
+        return f"{name}:K draws K samples per point itself; leave num_particles at 1 (got {num_particles})"
+    return None
+
+
+__all__ = ["OBJECTIVES", "IWAELoss", "Objective", "objective_problem", "parse_objective"]
