@@ -36,7 +36,10 @@ receives w̃_k ∇_θ log p. The guide's q must score a given z at detached para
 without an analytic inverse (planar, radial) cannot and are refused.
 
 Warm-up (``TrainConfig.warmup_epochs``) scales log p(z) and log q(z|x) by β as for the ELBO (the plate's
-minibatch scale is divided out first), so the weights are p(x|z) (p(z)/q(z|x))^β.
+minibatch scale is divided out first), so the weights are p(x|z) (p(z)/q(z|x))^β; DReG's guide gradient is then
+Σ_k [(1 − β) w̃_k + β w̃_k²] ∂log w_k/∂z_k ∂z_k/∂φ (the score term it rewrites carries β), unbiased for the
+tempered bound at every β. Validation under these objectives monitors IWAE-K with the same K (``valid_iwae``), so
+early stopping and the restored best state follow the bound that is trained.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class IWAELoss(ELBO):
         scale = _plate_scale(model_tr)
         log_w: torch.Tensor | float = 0.0
         draws = []
+        self.beta = 1.0  # the warm-up weight on the latent terms, read off the guide's sites
         for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
             for name, site in tr.nodes.items():
                 if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
@@ -87,10 +91,12 @@ class IWAELoss(ELBO):
                     raise ValueError(f"iwae: site {name!r} is outside the {DATA_PLATE!r} plate; the per-point bound "
                                      "needs every latent to be per point (train global latents with the ELBO)")
                 fn = site["fn"]
-                if sign < 0 and self.dreg:
-                    fn = detach(fn)  # only the path through z reaches the guide's parameters
-                    if site["value"].requires_grad:
-                        draws.append(site["value"])
+                if sign < 0:
+                    self.beta = float(site["scale"] / scale)
+                    if self.dreg:
+                        fn = detach(fn)  # only the path through z reaches the guide's parameters
+                        if site["value"].requires_grad:
+                            draws.append(site["value"])
                 # the site's scale is β (warm-up) × N/B (the plate's minibatch scale): keep β, drop N/B
                 log_w = log_w + sign * (site["scale"] / scale) * fn.log_prob(site["value"])
         assert isinstance(log_w, torch.Tensor)
@@ -103,8 +109,12 @@ class IWAELoss(ELBO):
         if not self.dreg:
             return -bound
         w = torch.softmax(log_w.detach(), 0)  # (K, B) self-normalised weights
-        for z in draws:  # z: (K, B, ...) -> its gradient from log w is scaled by w̃, making w̃² for the guide
-            factor = w.reshape(w.shape + (1,) * (z.dim() - w.dim()))
+        # the guide's path gradient is Σ_k [(1 − β) w̃_k + β w̃_k²] ∂log w_k/∂z_k ∂z_k/∂φ: the score term that DReG
+        # rewrites carries the warm-up weight β of log q (w̃² alone at β = 1). The surrogate gives w̃_k ∂log w_k/∂z_k,
+        # so the hook scales z_k's incoming gradient by (1 − β) + β w̃_k.
+        factor_kb = (1.0 - self.beta) + self.beta * w
+        for z in draws:  # z: (K, B, ...)
+            factor = factor_kb.reshape(w.shape + (1,) * (z.dim() - w.dim()))
             z.register_hook(lambda g, f=factor: g * f)
         surrogate = (w * log_w).sum() * scale
         return -bound.detach() - (surrogate - surrogate.detach())

@@ -74,12 +74,16 @@ class SVIPlan(pl.LightningModule):
 
     def __init__(self, model: torch.nn.Module, guide: torch.nn.Module, elbo: ELBO, *, latent_sites: set[str],
                  total_size: int, optimizer: Callable[[list[torch.Tensor]], Any], clip_norm: float | None,
-                 val_config: EvalConfig) -> None:
+                 val_config: EvalConfig, val_bound: str = "elbo") -> None:
         super().__init__()
         self.model, self.guide = model, guide
         anneal = AnnealLatents(latent_sites)
         self.loss = elbo(Annealed(model, anneal), Annealed(guide, anneal))  # Pyro's ELBOModule
         self.total_size, self.val_config = total_size, val_config
+        #: the held-out bound that validation reports and checkpoints follow: ``elbo``, or ``iwae`` when the
+        #: objective is IWAE-K (logged as ``valid_<bound>``)
+        self.val_bound = val_bound
+        self.monitor = f"valid_{val_bound}"
         self._optimizer, self.clip_norm = optimizer, clip_norm
         self._params: list[torch.Tensor] = []
         self._lr_gamma: float | None = None
@@ -184,17 +188,17 @@ class SVIPlan(pl.LightningModule):
         self._vsum, self._vcount = torch.zeros((), dtype=torch.float64, device=self.device), 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        elbo = bounds(self.model, self.guide, batch, self.val_config)["elbo"]
-        self._vsum += elbo.double().sum()
-        self._vcount += len(elbo)
+        value = bounds(self.model, self.guide, batch, self.val_config)[self.val_bound]
+        self._vsum += value.double().sum()
+        self._vcount += len(value)
 
     def on_validation_epoch_end(self) -> None:
         # one reduction over the processes for both sums, as at the end of a training epoch
         sums = torch.stack([self._vsum, torch.tensor(float(self._vcount), dtype=torch.float64, device=self.device)])
         total, count = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        self.row["valid_elbo"] = (total / count).item()
+        self.row[self.monitor] = (total / count).item()
         self.row["valid_seconds"] = time.perf_counter() - self._tv
-        self.log("valid_elbo", self.row["valid_elbo"], on_epoch=True, sync_dist=False)
+        self.log(self.monitor, self.row[self.monitor], on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

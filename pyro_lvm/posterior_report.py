@@ -45,7 +45,7 @@ import torch
 import pyro_lvm.inspect as lvm_inspect
 from pyro_lvm.evaluate import PARETO_K_THRESHOLD, pareto_k_summary
 from pyro_lvm.inspect import to_inference_data
-from pyro_lvm.report import atomic_write
+from pyro_lvm.report import atomic_write, current_umask
 from pyro_lvm.runtime import seeded
 
 #: inspected points whose local latents the summary, the posterior figure and the forest show
@@ -189,9 +189,7 @@ def write_netcdf(idata: Any, path: str | Path) -> Path:
     os.close(fd)
     try:
         idata.to_netcdf(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file gets the mode a plain open() would give
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

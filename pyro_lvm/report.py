@@ -97,15 +97,27 @@ def results_table(payload: Mapping[str, Any]) -> str:
     return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux's /proc); elsewhere by setting and
+    restoring it, a brief process-wide change."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it into place: a reader
     (or a crash, or ``kill -9``) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result gets the mode a plain open() would give
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the result gets the mode a plain open() would give
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -169,11 +181,12 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
     for name, hist in histories.items():
         epochs = [h["epoch"] for h in hist]
         axes[0].plot(epochs, [-h["train_loss"] for h in hist], label=name)
-        val = [(h["epoch"], h["valid_elbo"]) for h in hist if "valid_elbo" in h]
-        if val:
-            axes[1].plot(*zip(*val, strict=True), label=name)
-    axes[0].set(xlabel="epoch", ylabel="train ELBO (nats / point)", title="training objective")
-    axes[1].set(xlabel="epoch", ylabel="valid ELBO (nats / point)", title="validation ELBO")
+        key = next((k for k in ("valid_elbo", "valid_iwae") if any(k in h for h in hist)), None)
+        val = [(h["epoch"], h[key]) for h in hist if key in h] if key else []
+        if val:  # an IWAE-trained guide is validated on IWAE-K: its line says so
+            axes[1].plot(*zip(*val, strict=True), label=name + (" (IWAE-K)" if key == "valid_iwae" else ""))
+    axes[0].set(xlabel="epoch", ylabel="−training loss (nats / point)", title="training objective (ELBO or IWAE-K)")
+    axes[1].set(xlabel="epoch", ylabel="valid bound (nats / point)", title="validation ELBO (or IWAE-K)")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.lines:

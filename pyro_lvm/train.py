@@ -194,7 +194,10 @@ class TrainConfig:
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
+    #: the best validation value of the monitored bound (``monitor``: the ELBO, or IWAE-K under an iwae objective)
     best_valid_elbo: float | None = None
+    #: the history column that early stopping and the best checkpoint followed
+    monitor: str = "valid_elbo"
     train_seconds: float = 0.0
     steps: int = 0
     #: the estimator that was used (a name in ``ELBOS``)
@@ -286,16 +289,17 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
                                 max_plate_nesting=1, **jit)
     if callable(getattr(guide, "init_from_data", None)):
         guide.init_from_data(train)  # data-dependent initialisation of the guide, where it has one
-    val = EvalConfig(iwae_k=config.val_samples, posterior_samples=config.val_samples)
+    # an IWAE objective is validated (and its checkpoints and early stopping judged) on IWAE-K with its own K
+    val = EvalConfig(iwae_k=max(config.val_samples, draws or 1), posterior_samples=config.val_samples)
     plan = SVIPlan(model, guide, elbo, latent_sites=_latent_sites(model), total_size=n,
                    optimizer=functools.partial(OPTIMIZERS[config.optimizer], lr=config.lr),
-                   clip_norm=config.clip_norm, val_config=val)
+                   clip_norm=config.clip_norm, val_config=val, val_bound="elbo" if objective == "elbo" else "iwae")
     try:
         plan(train[: min(2, n)])  # creates the lazily built parameters of autoguides, before optimiser and DDP see them
-    except (NotImplementedError, KeyError):  # DReG scores z under a detached copy of q, which flows without
-        entry = OBJECTIVES[objective]               # an analytic inverse (planar, radial) cannot do
-        if entry is None or not entry.needs_density:
-            raise
+    except (NotImplementedError, KeyError) as e:  # DReG scores z under a detached copy of q, which flows without
+        entry = OBJECTIVES[objective]                   # an analytic inverse cannot do
+        if entry is None or not entry.needs_density or (isinstance(e, KeyError) and "cache" not in str(e)):
+            raise  # (Pyro's planar and radial raise a KeyError about their cache; any other KeyError is a bug)
         raise ConfigError("objective", f"{config.objective!r} needs a guide whose q(z|x) can score a given z "
                           f"(Gaussian guides, exact, iaf, householder); {getattr(guide, 'spec', type(guide).__name__)}"
                           " cannot (its flow has no analytic inverse); use iwae:K") from None
@@ -316,7 +320,7 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     out_dir = Path(config.output) if config.output else None
     scratch = tempfile.TemporaryDirectory(prefix="pyro_lvm_fit_") if out_dir is None and config.restore_best else None
     ckpt_dir = out_dir or (Path(scratch.name) if scratch else None)
-    monitor = "valid_elbo" if valid is not None else "train_elbo"
+    monitor = plan.monitor if valid is not None else "train_elbo"
     callbacks: list[Any] = [KLWarmup(config.warmup_epochs), DivergenceGuard(), PeakMemory(), *user_callbacks]
     best = last = None
     if config.restore_best and ckpt_dir is not None:
@@ -388,7 +392,7 @@ def _run_trainer(trainer: Any, plan: Any, data: Any, resume: str | None, best: A
     except TrainingError as e:
         raise _rolled_back(e, plan, best) from None
     device = trainer.strategy.root_device
-    result = FitResult(history=plan.history, elbo=elbo_name, steps=len(plan.step_seconds),
+    result = FitResult(history=plan.history, elbo=elbo_name, steps=len(plan.step_seconds), monitor=plan.monitor,
                        step_seconds=plan.step_seconds, rank=trainer.global_rank,
                        train_seconds=plan.history[-1]["seconds"] if plan.history else 0.0)
     if best is not None and best.best_model_path:
