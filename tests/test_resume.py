@@ -35,7 +35,10 @@ def _numbers(out: Path) -> list[tuple[str, dict]]:
 
 def _start_and_stop(cmd: list[str], out: Path, sig: int, wait_for: Path) -> subprocess.CompletedProcess:
     """Start ``cmd``, send ``sig`` once ``wait_for`` exists (training is under way), return the finished process."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
+    # (``pytest &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C would do nothing
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not wait_for.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
