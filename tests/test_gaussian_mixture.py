@@ -123,7 +123,7 @@ def test_non_mixture_guides_are_refused_with_the_usable_list() -> None:
 def test_map_matches_em_on_iris_and_no_component_collapses() -> None:
     """The issue's check: iris standardized, 70/30 split, seed 0, K = 3, full covariance, MAP: held-out
     log-likelihood within 2% of scikit-learn's GaussianMixture(n_init=5)."""
-    cfg = gmm_experiment.GMMExperimentConfig(restarts=2)
+    cfg = gmm_experiment.GMMExperimentConfig(restarts=1)  # one restart reaches the 3-restart MAP (−2.165) here
     cfg.train.epochs = 600
     ds = load_dataset("iris", DataConfig(seed=0, split=cfg.split, dtype=torch.float64))
     model, guide, _, _ = gmm_experiment.fit_with_restarts(cfg, ds, "map")
@@ -139,7 +139,7 @@ def test_fitted_means_recover_the_truth_within_their_standard_errors() -> None:
     fitted mean lies within 4.5 standard errors sqrt(Σ_k,dd / n_k) of the truth (P(|N(0,1)| > 4.5) ≈ 7e-6
     per coordinate, so a fit that recovers the means passes with near certainty)."""
     cfg = gmm_experiment.GMMExperimentConfig(dataset="synthetic_mixture", restarts=1)
-    cfg.train.epochs = 400
+    cfg.train.epochs = 200  # max standardized error 0.74 at 200 epochs
     ds = load_dataset("synthetic_mixture", DataConfig(seed=0, split=cfg.split, dtype=torch.float64,
                                                       num_points=1000, data_dim=2, num_components=3))
     model, guide, _, _ = gmm_experiment.fit_with_restarts(cfg, ds, "map")
@@ -150,7 +150,7 @@ def test_fitted_means_recover_the_truth_within_their_standard_errors() -> None:
 
 def test_amortized_assignment_guide_leaves_a_small_gap_on_separated_data() -> None:
     cfg = gmm_experiment.GMMExperimentConfig(dataset="synthetic_mixture", assignments="amortized", restarts=1)
-    cfg.train.epochs = 300
+    cfg.train.epochs = 150  # gap 6e-5 at 150 epochs
     ds = load_dataset("synthetic_mixture", DataConfig(seed=0, split=cfg.split, dtype=torch.float64,
                                                       num_points=600, data_dim=2, num_components=3))
     model, guide, _, _ = gmm_experiment.fit_with_restarts(cfg, ds, "map")
