@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pyro.nn import PyroModule
 
 from pyro_lvm.models.base import LatentModel, ModelTraits
-from pyro_lvm.registry import Registry
+from pyro_lvm.registry import Registry, split_spec
 
 from .config import GuideConfig
 
@@ -74,13 +74,7 @@ def parse_guide_spec(spec: str) -> tuple[GuideEntry, int | None]:
         return entry, entry.default_arg
     if entry.arg_name is None:
         raise ValueError(f"guide {name!r} takes no ':K' argument (got {spec!r})")
-    try:
-        arg = int(arg_text)
-    except ValueError:
-        raise ValueError(f"guide {spec!r}: {entry.arg_name} must be an integer") from None
-    if arg < 1:
-        raise ValueError(f"guide {spec!r}: {entry.arg_name} must be >= 1")
-    return entry, arg
+    return entry, split_spec(spec, "guide", entry.arg_name)[1]
 
 
 def usable_guides(traits: ModelTraits) -> list[str]:

@@ -147,3 +147,12 @@ class LatentModel(PyroModule):
 
     def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
+
+    def _globals_to_sample_from(self, guide: object, what: str) -> dict[str, torch.Tensor]:
+        """For models with latent globals: ``guide``'s point estimate of them, else the model's initial values;
+        ``what`` names the model in the error asking for the guide."""
+        if guide is not None:
+            return guide.point_estimate(self.data_loc.unsqueeze(0))  # type: ignore[attr-defined]
+        if getattr(self, "initial_values", None) is not None:
+            return self.initial_values  # type: ignore[attr-defined]
+        raise ValueError(f"guide: {what}'s globals are latent; pass the fitted guide, model.sample(n, guide=guide)")

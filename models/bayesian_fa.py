@@ -184,13 +184,7 @@ class BayesianFactorAnalysis(LatentModel):
         return {"mu": p["mu"], "psi": p["psi"], "cov": covariance(p)}
 
     def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
-        if guide is not None:
-            theta = guide.point_estimate(self.data_loc.unsqueeze(0))  # type: ignore[attr-defined]
-        elif self.initial_values is not None:
-            theta = self.initial_values
-        else:
-            raise ValueError("guide: a Bayesian factor model's globals are latent; pass the fitted guide, "
-                             "model.sample(n, guide=guide)")
+        theta = self._globals_to_sample_from(guide, "a Bayesian factor model")
         z = torch.randn(n, self.latent_dim, dtype=self.data_loc.dtype, device=self.data_loc.device)
         loc = theta["mu"] + z @ theta["W"].T  # (n, D): E[x | z, θ̂]
         return loc if mean else loc + theta["psi"].sqrt() * torch.randn_like(loc)

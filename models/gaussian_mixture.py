@@ -260,13 +260,7 @@ class GaussianMixture(LatentModel):
         return torch.softmax(self.log_joint(x, p), -1)
 
     def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
-        if guide is not None:
-            theta = guide.point_estimate(self.data_loc.unsqueeze(0))  # type: ignore[attr-defined]
-        elif self.initial_values is not None:
-            theta = self.initial_values
-        else:
-            raise ValueError("guide: a Gaussian mixture's globals are latent; pass the fitted guide, "
-                             "model.sample(n, guide=guide)")
+        theta = self._globals_to_sample_from(guide, "a Gaussian mixture")
         c = torch.distributions.Categorical(probs=theta["weights"]).sample((n,))  # (n,) component of each draw
         locs = theta["locs"][c]  # (n, D): E[x | c]
         if mean:

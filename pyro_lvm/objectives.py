@@ -56,7 +56,7 @@ from pyro.distributions.util import detach
 from pyro.infer import ELBO
 
 from pyro_lvm.models.base import DATA_PLATE, ModelTraits
-from pyro_lvm.registry import Registry
+from pyro_lvm.registry import Registry, split_spec
 
 
 class IWAELoss(ELBO):
@@ -164,15 +164,8 @@ def parse_objective(spec: str) -> tuple[str, int | None]:
         if arg:
             raise ValueError(f"objective {spec!r}: 'elbo' takes no ':K' (set num_particles for more draws)")
         return name, None
-    if not arg:
-        return name, entry.default_k
-    try:
-        k = int(arg)
-    except ValueError:
-        raise ValueError(f"objective {spec!r}: K (draws per point) must be an integer") from None
-    if k < 1:
-        raise ValueError(f"objective {spec!r}: K (draws per point) must be >= 1")
-    return name, k
+    k = split_spec(spec, "objective", "K (draws per point)")[1]
+    return name, entry.default_k if k is None else k
 
 
 def objective_problem(traits: ModelTraits, spec: str, elbo: str | None, num_particles: int) -> str | None:

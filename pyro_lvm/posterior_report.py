@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +43,7 @@ import torch
 import pyro_lvm.inspect as lvm_inspect
 from pyro_lvm.evaluate import PARETO_K_THRESHOLD, pareto_k_summary
 from pyro_lvm.inspect import to_inference_data
-from pyro_lvm.report import atomic_write, current_umask
+from pyro_lvm.report import atomic_target, atomic_write
 from pyro_lvm.runtime import seeded
 
 #: inspected points whose local latents the summary, the posterior figure and the forest show
@@ -180,23 +178,11 @@ def _flat(v: np.ndarray, n: int) -> list[float]:
 
 
 def write_netcdf(idata: Any, path: str | Path) -> Path:
-    """``idata.to_netcdf`` to a temporary file beside ``path`` (``.<name>.*.tmp``), fsynced, then renamed into
-    place: a reader, a crash or ``kill -9`` sees the old file or the new one, never half of one. (ArviZ's
-    writer needs a path, not an open file, so :func:`pyro_lvm.report.atomic_write` cannot be used.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``idata.to_netcdf`` written atomically (:func:`pyro_lvm.report.atomic_target`: ArviZ's writer needs a path,
+    not an open file): a reader, a crash or ``kill -9`` sees the old file or the new one, never half of one."""
+    with atomic_target(path) as tmp:
         idata.to_netcdf(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the file gets the mode a plain open() would give
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 @contextlib.contextmanager

@@ -87,3 +87,18 @@ def register_model(name: str) -> Callable[[type], type]:
         return MODELS.register(name)(cls)
 
     return decorate
+
+
+def split_spec(spec: str, what: str, arg_name: str) -> tuple[str, int | None]:
+    """``"NAME:K"`` -> (NAME, K) with K a positive integer; ``"NAME"`` -> (NAME, None). ``what`` and ``arg_name`` name
+    the spec's kind and its K in the ``ValueError`` for a K that is not an integer >= 1."""
+    name, _, text = str(spec).strip().partition(":")
+    if not text:
+        return name, None
+    try:
+        k = int(text)
+    except ValueError:
+        raise ValueError(f"{what} {spec!r}: {arg_name} must be an integer") from None
+    if k < 1:
+        raise ValueError(f"{what} {spec!r}: {arg_name} must be >= 1")
+    return name, k

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,23 +112,32 @@ def current_umask() -> int:
     return umask
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it into place: a reader
-    (or a crash, or ``kill -9``) sees the old file or the new one, never half of one."""
+@contextlib.contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (``.<name>.*.tmp``) to write to; on leaving the block it is fsynced, given
+    the mode a plain ``open()`` would give, and renamed into place: a reader (or a crash, or ``kill -9``) sees the
+    old file or the new one, never half of one. On an error the temporary file is removed. For writers that need
+    a path rather than an open file (ArviZ's ``to_netcdf``, matplotlib's ``savefig``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the result gets the mode a plain open() would give
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place (:func:`atomic_target`)."""
+    with atomic_target(path) as tmp, open(tmp, "wb" if binary else "w") as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
