@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from pyro_lvm.config import check_choice, check_config
+from pyro_lvm.config import ConfigError, check_choice, check_config
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GuideConfig
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models import DECODERS, PRIORS, VAE, VAEConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES
+from pyro_lvm.registry import split_spec
 from pyro_lvm.report import new_figure
 from pyro_lvm.train import TrainConfig
 
@@ -46,11 +47,12 @@ class VAEExperimentConfig(ExperimentConfig):
     flow_hidden: tuple[int, ...] = (300,)
     #: bernoulli or gaussian; default: bernoulli for binary data, gaussian otherwise
     decoder: str | None = None
-    #: decoder network: mlp, or conv for 28x28 images
+    #: networks of decoder and encoder: mlp, gated-mlp (gated dense units), conv (28x28: conv decoder, MLP encoder) or
+    #: gated-conv (28x28: van den Berg et al.'s gated conv encoder and decoder); conv architectures ignore --hidden
     architecture: str = "mlp"
     #: nonlinearity of encoder and decoder
     activation: str = "relu"
-    #: prior p(z)
+    #: prior p(z): standard, mog[:K] (K learned Gaussians) or vamp[:K] (the VampPrior, K pseudo-inputs); K: 10
     prior: str = "standard"
     #: train with JitTrace_ELBO (see the README for the guides it supports)
     jit: bool = False
@@ -68,7 +70,13 @@ class VAEExperimentConfig(ExperimentConfig):
         check_choice(self, "decoder", DECODERS.names())
         check_choice(self, "architecture", ARCHITECTURES.names())
         check_choice(self, "activation", ACTIVATIONS)
-        check_choice(self, "prior", PRIORS.names())
+        try:
+            name, _ = split_spec(self.prior, "prior", "K (components)")
+        except ValueError as e:
+            raise ConfigError("prior", str(e).removeprefix("prior ")) from None
+        if name not in PRIORS:
+            valid = ", ".join(PRIORS.names())
+            raise ConfigError("prior", f"unknown prior {name!r}; valid: {valid} (each NAME or NAME:K)")
 
 
 @register_experiment("vae")
@@ -77,8 +85,7 @@ class VAEExperiment(Experiment):
     summary = "VAEs (Bernoulli or Gaussian decoders) with every local guide, on ELBO and IWAE-K"
     train_flags = ("epochs", "warmup_epochs", "patience", "batch_size", "lr", "lr_final_factor", "max_steps",
                    "num_particles", "objective")
-    choices = {"decoder": DECODERS.names, "architecture": ARCHITECTURES.names, "activation": lambda: list(ACTIVATIONS),
-               "prior": PRIORS.names}
+    choices = {"decoder": DECODERS.names, "architecture": ARCHITECTURES.names, "activation": lambda: list(ACTIVATIONS)}
 
     def model_traits(self, cfg: VAEExperimentConfig) -> ModelTraits:
         return VAE.traits_for(None)
@@ -103,7 +110,8 @@ class VAEExperiment(Experiment):
         return model
 
     def guide_config(self, cfg: VAEExperimentConfig) -> GuideConfig:
-        return GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden, activation=cfg.activation)
+        return GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden, activation=cfg.activation,
+                           architecture=cfg.architecture)
 
     def train_config(self, cfg: VAEExperimentConfig, spec: str, output: str) -> TrainConfig:
         base = super().train_config(cfg, spec, output)

@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_lvm.models.base import LatentModel, data_plate
-from pyro_lvm.nn import Encoder
+from pyro_lvm.nn import encoder_network
 from pyro_lvm.runtime import local_params, seeded
 
 from .config import GuideConfig
@@ -92,7 +92,7 @@ class AmortizedGuide(LocalPosterior, PyroModule):
         self.site = model.local_site
         self.data_dim, self.latent_dim = model.data_dim, model.latent_dim
         self.config = config
-        self.encoder = Encoder(model.data_dim, tuple(config.hidden), config.activation)
+        self.encoder = encoder_network(config.architecture, model.data_dim, tuple(config.hidden), config.activation)
 
     def distribution(self, x: torch.Tensor) -> Distribution:
         raise NotImplementedError
@@ -130,6 +130,11 @@ class DiagonalGaussianGuide(AmortizedGuide):
         """N(μ, diag σ²) with σ = softplus(s) + 1e-6, batch shape (N,)."""
         loc, scale = _take(params, "loc", "scale")
         return dist.Normal(loc, _positive(scale)).to_event(1)
+
+    def prior_component(self, u: torch.Tensor) -> Distribution:
+        """The Gaussian N(μ_φ(u), diag σ_φ(u)²) at pseudo-inputs u (K, D), batch shape (K,): the VampPrior's
+        components. For flow guides (subclasses) it is the base q₀(z|u), before the flow."""
+        return self.base(self.encoder(u))
 
 
 class CholeskyAffine(torch.distributions.Transform):
@@ -198,6 +203,11 @@ class FullCovGaussianGuide(AmortizedGuide):
         loc = self.loc(h)
         base = dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
         return dist.TransformedDistribution(base, [CholeskyAffine(loc, self.scale_tril(h))])
+
+    def prior_component(self, u: torch.Tensor) -> Distribution:
+        """N(μ_φ(u), L_φ(u) L_φ(u)ᵀ) at pseudo-inputs u (K, D), batch shape (K,): the VampPrior's components."""
+        h = self.encoder(u)
+        return dist.MultivariateNormal(self.loc(h), scale_tril=self.scale_tril(h))
 
     def local_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loc`` μ(x) (N, k), unconstrained ``diag`` (N, k) and ``offdiag``, M's entries (N, k(k−1)/2), as

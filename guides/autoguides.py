@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributions import biject_to
 
 from pyro_lvm.models.base import LatentModel, ModelTraits, data_plate
-from pyro_lvm.nn import Encoder
+from pyro_lvm.nn import encoder_network
 from pyro_lvm.runtime import local_params
 from pyro_lvm.saving import materialize
 
@@ -94,9 +94,10 @@ class AmortizedCategorical(PyroModule):
     def __init__(self, site: str, data_dim: int, num_categories: int, config: GuideConfig) -> None:
         super().__init__()
         self.site = site
-        self.encoder = Encoder(data_dim, tuple(config.hidden), config.activation)
+        # the guide config's architecture, as for the amortized Gaussian guides (mlp: the MLP Encoder, as before)
+        self.encoder = encoder_network(config.architecture, data_dim, config.hidden, config.activation)
         self.logits = nn.Linear(self.encoder.output_dim, num_categories)
-        features = Encoder(data_dim, tuple(config.hidden), config.activation)
+        features = encoder_network(config.architecture, data_dim, config.hidden, config.activation)
         self.baseline = nn.Sequential(features, nn.Linear(features.output_dim, 1))
 
     def distribution(self, x: torch.Tensor) -> dist.Categorical:

@@ -101,6 +101,7 @@ def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None
     config = config or GuideConfig()
     guide = entry.factory(model, config, arg)
     guide.spec, guide.guide_config = spec.strip(), config
+    model.bind_guide(guide)  # a prior that shares the guide's encoder (VampPrior) gets it here
     return guide
 
 

@@ -127,6 +127,10 @@ class LatentModel(PyroModule):
     def init_from_data(self, x: object) -> None:
         """Data-dependent initialisation (default: none). Overrides call :meth:`validate_training` first."""
 
+    def bind_guide(self, guide: object) -> None:
+        """Called by :func:`pyro_lvm.build_guide` with each guide built for this model: a model whose density uses
+        the guide (the VAE's VampPrior shares its encoder) keeps a reference; the default does nothing."""
+
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor | None:
         """Exact log p(x) per data point, or ``None`` where it is intractable."""
         return None

@@ -72,3 +72,22 @@ def test_epoch_time_benchmark_runs_and_profiles_the_epoch(tmp_path: Path, fake_m
     # the Lightning loop and the hand-written one it replaced fit the same: same minibatches, same draws
     assert runs["lightning@1"]["final_valid_elbo"] == pytest.approx(runs["handwritten@1"]["final_valid_elbo"],
                                                                     rel=1e-5)
+
+
+def test_family_step_time_benchmark_parses_families_and_reports_ratios(tmp_path: Path, fake_mnist: Path) -> None:
+    from benchmarks import family_step_time
+
+    assert family_step_time.parse_family("iaf:2+vamp:500/iwae-dreg:5") == ("iaf:2", "vamp:500", "iwae-dreg:5")
+    assert family_step_time.parse_family("amortized") == ("amortized", "standard", "elbo")
+    code = family_step_time.main(["--families", "amortized+vamp:3/iwae-dreg:2", "--steps", "2",
+                                  "--warmup", "1", "--repeats", "1", "--data-dir", str(fake_mnist),
+                                  "--output", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0 and (tmp_path / "results.md").is_file()
+    timing = res["timing"]
+    assert list(timing) == ["plain_pytorch", "amortized+vamp:3/iwae-dreg:2"]
+    for v in timing.values():
+        assert v["seconds_per_epoch"] == pytest.approx(500 * v["seconds_per_step"], rel=1e-12)
+        assert v["ratio_to_plain"] == pytest.approx(v["seconds_per_step"] / timing["plain_pytorch"]["seconds_per_step"],
+                                                    rel=1e-12)
+    assert timing["amortized+vamp:3/iwae-dreg:2"]["guide_parameters"] > 0

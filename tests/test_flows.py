@@ -3,12 +3,15 @@ log|det| of every transform, with the Jacobians computed by autograd, point by p
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pyro import poutine
 from torch.autograd.functional import jacobian
 
 from pyro_lvm.guides import FLOWS, GuideConfig, build_guide
+from pyro_lvm.guides.flows import ConditionalSylvester, HouseholderSylvester, OrthogonalSylvester, orthonormalize
 from pyro_lvm.models import VAE, VAEConfig
 from pyro_lvm.runtime import local_params
 
@@ -99,3 +102,172 @@ def test_fullcov_guide_is_the_gaussian_it_claims_and_reduces_to_the_diagonal_one
         guide.offdiag.bias.zero_()
     torch.testing.assert_close(guide.distribution(x).log_prob(z), diagonal.distribution(x).log_prob(z),
                                rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sylvester flows: Q, the parametrisation, invertibility at extreme parameters. (Shapes with a particle dimension,
+# gradients reaching every parameter, and a save/load round trip reproducing log q are checked for every guide,
+# these included, by tests/test_contract.py and tests/test_api.py; distribution_from(local_parameters(x)) ==
+# distribution(x) by tests/test_gaps.py.)
+
+SYLVESTER = ["sylvester-o", "sylvester-h", "sylvester-t"]
+
+
+def _steps_and_context(name: str) -> tuple[list[ConditionalSylvester], torch.Tensor]:
+    """The float64 guide's two Sylvester steps (random, non-trivial parameters) and the context h of N points."""
+    _, guide = _guide(f"{name}:2")
+    x = (torch.rand(N, 6, generator=torch.Generator().manual_seed(1)) < 0.5).double()
+    return list(guide.transforms), guide.encoder(x).detach()
+
+
+def _polar_factor(a: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ from a = U S Vᵀ: the matrix with orthonormal columns nearest to a, the Björck iteration's limit."""
+    u, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("name", SYLVESTER)
+def test_sylvester_q_has_orthonormal_columns(name: str) -> None:
+    """QᵀQ = I to rounding (the log-det identity needs it) and Q is the matrix each family promises: the polar
+    factor of the raw output (O), the product of the reflections (H), identity then reversal (T)."""
+    steps, h = _steps_and_context(name)
+    eye = torch.eye(K, dtype=torch.float64)
+    for i, step in enumerate(steps):
+        q = step.condition(h).q
+        # float64 rounding of a 3x3 Gram matrix is ~1e-16; the iteration stops below 64·√3·ε = 2.5e-14
+        torch.testing.assert_close(q.mT @ q, eye.expand_as(q), rtol=0, atol=1e-13)
+        p = step.outputs(h)
+        if name == "sylvester-o":
+            torch.testing.assert_close(q, _polar_factor(p["q"]), rtol=0, atol=1e-10)  # SVD's own error ~1e-15
+        elif name == "sylvester-h":
+            v = p["v"]
+            assert v.shape == (N, 8, K)  # the reference code's 8 reflections
+            reflections = eye - 2 * v.unsqueeze(-1) * v.unsqueeze(-2) / v.square().sum(-1)[..., None, None]
+            product = torch.stack([torch.linalg.multi_dot(list(r)) for r in reflections])  # H_1 ⋯ H_8, per point
+            torch.testing.assert_close(q, product, rtol=0, atol=1e-12)
+        else:
+            assert torch.equal(q, eye.flip(-1) if i % 2 else eye)
+
+
+def test_orthonormalize_converges_in_float32_and_for_fewer_columns() -> None:
+    """The default tolerance is reached in float32 at the size of the VAE runs (Z = M = 40), and for M < Z the
+    result is the polar factor of the Z×M input."""
+    g = torch.Generator().manual_seed(0)
+    q = orthonormalize(torch.randn(4, 40, 40, generator=g))
+    # the stopping rule guarantees ‖QᵀQ − I‖_F ≤ 64·√40·ε₃₂ = 4.8e-5; a looser check would not test it
+    assert torch.linalg.matrix_norm(q.mT @ q - torch.eye(40)).max() <= 64 * math.sqrt(40) * torch.finfo().eps
+    tall = torch.randn(4, 5, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(orthonormalize(tall), _polar_factor(tall), rtol=0, atol=1e-12)
+
+
+def test_orthonormalize_gradient_is_the_polar_factors() -> None:
+    """The implicit-differentiation backward against finite differences (gradcheck, float64) and against autograd
+    through the unrolled iteration, square and tall; 60 unrolled steps converge these 4×4 / 5×2 inputs to rounding."""
+
+    def unrolled(q: torch.Tensor) -> torch.Tensor:
+        q = q / torch.linalg.matrix_norm(q)[..., None, None]
+        for _ in range(60):
+            q = 1.5 * q - 0.5 * q @ (q.mT @ q)
+        return q
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 4, 4), (2, 5, 2)]:
+        a = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(orthonormalize, (a,))
+        w = torch.randn(*shape, generator=g, dtype=torch.float64)
+        implicit, = torch.autograd.grad((orthonormalize(a) * w).sum(), a)
+        through_steps, = torch.autograd.grad((unrolled(a) * w).sum(), a)
+        torch.testing.assert_close(implicit, through_steps, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SYLVESTER)
+def test_sylvester_step_is_its_formula_from_the_local_parameters(name: str) -> None:
+    """from_parameters(local_parameters(h)) is condition(h), and both are z' = z + Q R tanh(R̃ Qᵀ z + b) with R, R̃
+    assembled as documented (strict upper triangles row by row, tanh diagonals), log-det Σ log(1 + r r̃ tanh')."""
+    steps, h = _steps_and_context(name)
+    family = FLOWS[name]
+    z = torch.randn(2, N, K, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # a particle dim
+    for step in steps:
+        p = family.local_parameters(step, h)
+        assert set(p) >= {"r", "r_tilde", "r_diag", "r_tilde_diag", "b"} and all(v.shape[0] == N for v in p.values())
+        built, conditioned = family.from_parameters(step, p), step.condition(h)
+        y = built(z)
+        assert torch.equal(y, conditioned(z))
+        assert torch.equal(built.log_abs_det_jacobian(z, y), conditioned.log_abs_det_jacobian(z, conditioned(z)))
+
+        def triangular(upper: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+            out, k = torch.zeros(N, K, K, dtype=torch.float64), 0
+            for row in range(K):
+                for col in range(row + 1, K):
+                    out[:, row, col], k = upper[:, k], k + 1
+            return out + torch.diag_embed(torch.tanh(diag))
+
+        r, rt = triangular(p["r"], p["r_diag"]), triangular(p["r_tilde"], p["r_tilde_diag"])
+        q = built.q.expand(N, K, K)
+        pre = torch.einsum("nij,nkj,pnk->pni", rt, q, z) + p["b"]  # R̃ Qᵀ z + b
+        torch.testing.assert_close(y, z + torch.einsum("nij,njk,pnk->pni", q, r, torch.tanh(pre)), rtol=0, atol=1e-12)
+        naive = torch.log(1 + torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(rt, dim1=-2, dim2=-1)
+                          * (1 - torch.tanh(pre) ** 2)).sum(-1)
+        torch.testing.assert_close(built.log_abs_det_jacobian(z, y), naive, rtol=0, atol=1e-12)
+
+
+def test_orthogonal_sylvester_with_fewer_vectors_than_dimensions_has_the_autograd_log_det() -> None:
+    """M = 2 < Z = 3 columns: the step moves z within span(Q) only, and Sylvester's identity still gives the log-det
+    (det(I_Z + Q A) = det(I_M + A Q) needs QᵀQ = I_M only)."""
+    torch.manual_seed(0)
+    step = OrthogonalSylvester(K, 5, [8], num_vectors=2).double()
+    with torch.no_grad():
+        for prm in step.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    h = torch.randn(N, 5, dtype=torch.float64)
+    z = torch.randn(N, K, dtype=torch.float64)
+    t = step.condition(h)
+    assert t.q.shape == (N, K, 2)
+    y = t(z)
+    out_of_span = (y - z) - (t.q @ (t.q.mT @ (y - z).unsqueeze(-1))).squeeze(-1)
+    assert out_of_span.abs().max() < 1e-12
+    blocks = torch.stack([jacobian(lambda v, i=i: t(v.unsqueeze(0).expand(N, K))[i], z[i]) for i in range(N)])
+    torch.testing.assert_close(t.log_abs_det_jacobian(z, y), torch.linalg.slogdet(blocks)[1], rtol=1e-10, atol=1e-10)
+
+
+def test_sylvester_jacobian_stays_positive_at_extreme_diagonal_preactivations() -> None:
+    """|ρ| = 30 in float32: tanh rounds to ±1, so the textbook factor 1 + r r̃ tanh' is exactly 0 at a zero
+    pre-activation and the log-det −∞; the step computes 1 + r r̃ from cosh(ρ + ρ̃)/(cosh ρ cosh ρ̃) and stays
+    finite, at the exact value log cosh(ρ + ρ̃) − log cosh ρ − log cosh ρ̃ there."""
+    rho, rho_t = torch.tensor([30.0, -30.0, 12.0]), torch.tensor([-30.0, 30.0, -12.0])
+    assert (1 + torch.tanh(rho) * torch.tanh(rho_t) == 0).all()  # the case the naive formula loses
+    step = OrthogonalSylvester(K, 5, [8])
+    g = torch.Generator().manual_seed(0)
+    p = {"r": torch.randn(N, 3, generator=g), "r_tilde": torch.randn(N, 3, generator=g),
+         "r_diag": rho.expand(N, K), "r_tilde_diag": rho_t.expand(N, K), "b": torch.zeros(N, K),
+         "q": torch.randn(N, K, K, generator=g)}
+    t = step.build(p)
+    z = torch.cat([torch.zeros(1, N, K), 3 * torch.randn(5, N, K, generator=g)])  # z = 0: pre-activation 0
+    log_det = t.log_abs_det_jacobian(z, t(z))
+    assert torch.isfinite(log_det).all()
+
+    def log_cosh(v: float) -> float:
+        return abs(v) + math.log1p(math.exp(-2 * abs(v))) - math.log(2)
+
+    exact = sum(log_cosh(a + b) - log_cosh(a) - log_cosh(b) for a, b in zip(rho.tolist(), rho_t.tolist(), strict=True))
+    # exact ≈ −139.8; float32 logs of cosh(30) carry ~30·ε₃₂ ≈ 4e-6 absolute error each
+    torch.testing.assert_close(log_det[0], torch.full((N,), exact), rtol=1e-6, atol=1e-4)
+
+
+def test_sylvester_refuses_bad_sizes_and_reports_a_stuck_orthogonalisation() -> None:
+    with pytest.raises(ValueError, match="num_vectors"):
+        OrthogonalSylvester(K, 5, [8], num_vectors=K + 1)
+    with pytest.raises(ValueError, match="num_reflections"):
+        HouseholderSylvester(K, 5, [8], num_reflections=0)
+    singular = torch.randn(1, K, K, dtype=torch.float64)
+    singular[..., -1] = 0  # a zero column stays zero: QᵀQ can never reach I
+    with pytest.raises(RuntimeError, match="rank-deficient"):
+        orthonormalize(singular)
+    # NaN is passed on, not iterated on, and gets NaN gradients (not an eigh failure); the other matrices are unharmed
+    a = torch.randn(2, K, K, dtype=torch.float64)
+    a[0, 0, 0] = math.nan
+    a.requires_grad_()
+    q = orthonormalize(a)
+    assert torch.isnan(q[0]).all() and torch.isfinite(q[1]).all()
+    q.sum().backward()
+    assert torch.isnan(a.grad[0]).all() and torch.isfinite(a.grad[1]).all()

@@ -150,6 +150,7 @@ def test_fit_trains_the_iwae_objectives_and_refuses_combinations_that_would_trai
         (model, "amortized", {"objective": "iwae:3", "elbo": "meanfield"}, "leave elbo unset"),
         (model, "amortized", {"objective": "iwae:3", "num_particles": 2}, "num_particles"),
         (model, "planar:2", {"objective": "iwae-dreg:3"}, "cannot"),
+        (model, "sylvester-o:2", {"objective": "iwae-dreg:3"}, "cannot"),
     ]
     gm, gx = GaussianMixture.example()
     refused.append((gm, "map", {"objective": "iwae:3"}, "per-point bound"))

@@ -143,6 +143,7 @@ DECODER_SETUPS = {
     "gaussian-mlp-shared": {"decoder": "gaussian", "gaussian_scale": "shared"},
     "bernoulli-conv": {"decoder": "bernoulli", "architecture": "conv"},
     "bernoulli-mog-prior": {"decoder": "bernoulli", "prior": "mog", "prior_components": 3},
+    "bernoulli-vamp-prior": {"decoder": "bernoulli", "prior": "vamp:3"},
 }
 
 
