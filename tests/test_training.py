@@ -102,7 +102,9 @@ def test_kl_warmup_is_linear_and_early_stopping_waits_for_it() -> None:
     assert r.best_epoch >= 4
 
 
-@pytest.mark.parametrize("spec", ["amortized", "amortized-fullcov"] + [f"{name}:2" for name in FLOWS.names()])
+# every flow family; of the three Sylvester variants, which share one transform, only the orthogonal one
+@pytest.mark.parametrize("spec", ["amortized", "amortized-fullcov"]
+                         + [f"{name}:2" for name in FLOWS.names() if name not in ("sylvester-h", "sylvester-t")])
 def test_jit_training_matches_trace_setup_and_leaves_no_global_state(spec: str) -> None:
     x = binary_data(40, 12)
     model = VAE(VAEConfig(data_dim=12, latent_dim=2, hidden=(8,)))
