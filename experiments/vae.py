@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.config import check_choice, check_config
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GuideConfig
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
-from pyro_lvm.models import DECODERS, PRIORS, VAE, VAEConfig
+from pyro_lvm.models import DECODERS, VAE, VAEConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
+from pyro_lvm.models.vae import parse_prior
 from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES
-from pyro_lvm.registry import split_spec
 from pyro_lvm.report import new_figure
 from pyro_lvm.train import TrainConfig
 
@@ -70,13 +70,7 @@ class VAEExperimentConfig(ExperimentConfig):
         check_choice(self, "decoder", DECODERS.names())
         check_choice(self, "architecture", ARCHITECTURES.names())
         check_choice(self, "activation", ACTIVATIONS)
-        try:
-            name, _ = split_spec(self.prior, "prior", "K (components)")
-        except ValueError as e:
-            raise ConfigError("prior", str(e).removeprefix("prior ")) from None
-        if name not in PRIORS:
-            valid = ", ".join(PRIORS.names())
-            raise ConfigError("prior", f"unknown prior {name!r}; valid: {valid} (each NAME or NAME:K)")
+        parse_prior(self.prior)  # the model's own check of NAME[:K]
 
 
 @register_experiment("vae")

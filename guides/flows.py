@@ -180,7 +180,8 @@ def orthonormalize(q: torch.Tensor, max_iterations: int = 100, tolerance: float 
     Each singular value σ of Q_t maps to σ(3 − σ²)/2: Frobenius normalisation puts them all in (0, 1], where
     small ones grow by 3/2 a step and ones near 1 converge quadratically (σ = 1 + ε ↦ 1 − 3ε²/2), so
     ‖QᵀQ − I‖_F, the error checked before each step, reaches rounding in a few tens of steps (25–37 for square
-    random 3×3 to 500×500 matrices, float32 or float64; 27–38 for a fresh sylvester-o guide's 40×40 outputs).
+    random 3×3 to 500×500 matrices, float32 or float64; 27–38 for the 40×40 outputs of a fresh
+    sylvester-o guide with M = Z = 40).
     Iterates until that error is at most ``tolerance`` for every matrix in the batch; the default, 64·√M·ε of
     the dtype, is ~30× the rounding floor measured on such matrices (≈ 2√M·ε: 7e-7 at M = 40 in float32, 1e-15
     in float64), so it is always reached, and the first step below it lands on that floor in all but rare

@@ -40,12 +40,8 @@ class VAEConfig:
     prior_components: int = 10
 
     def __post_init__(self) -> None:
-        if isinstance(self.prior, str) and ":" in self.prior:  # "vamp:500" -> prior "vamp", 500 components
-            try:
-                self.prior, k = split_spec(self.prior, "prior", "K (components)")
-            except ValueError as e:
-                raise ConfigError("prior", str(e).removeprefix("prior ")) from None
-            self.prior_components = k if k is not None else self.prior_components
+        self.prior, k = parse_prior(self.prior)  # "vamp:500" -> prior "vamp", 500 components
+        self.prior_components = k if k is not None else self.prior_components
         check_config(self, positive_int=("data_dim", "latent_dim", "prior_components"))
         self.hidden = tuple(self.hidden)
         if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
@@ -54,11 +50,22 @@ class VAEConfig:
         check_choice(self, "architecture", ARCHITECTURES.names())
         check_choice(self, "activation", ACTIVATIONS)
         check_choice(self, "gaussian_scale", ("pixel", "shared"))
-        check_choice(self, "prior", PRIORS.names())
         widths = ARCHITECTURES[self.architecture][1]
         if widths is not None and self.data_dim not in widths:
             raise ConfigError("architecture", f"{self.architecture!r} makes outputs of width {widths}, but "
                               f"data_dim is {self.data_dim}; use 'mlp' or 'gated-mlp'")
+
+
+def parse_prior(spec: str) -> tuple[str, int | None]:
+    """``"vamp:500"`` -> ("vamp", 500); ``"standard"`` -> ("standard", None). A ``ConfigError`` naming ``prior`` for
+    an unknown name or a K that is not an integer >= 1 (the config and the experiment's flag share this check)."""
+    try:
+        name, k = split_spec(spec, "prior", "K (components)")
+    except ValueError as e:
+        raise ConfigError("prior", str(e).removeprefix("prior ")) from None
+    if name not in PRIORS:
+        raise ConfigError("prior", f"unknown prior {name!r}; valid: {', '.join(PRIORS.names())} (each NAME or NAME:K)")
+    return name, k
 
 
 def _network(config: VAEConfig) -> nn.Module:
