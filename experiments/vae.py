@@ -97,11 +97,16 @@ class VAEExperiment(Experiment):
             test = test[keep]
         return test
 
-    def build_model(self, cfg: VAEExperimentConfig, ds: Dataset) -> LatentModel:
+    def model_config(self, cfg: VAEExperimentConfig, ds: Dataset) -> VAEConfig:
         decoder = cfg.decoder or ("bernoulli" if ds.binary else "gaussian")
-        model = VAE(VAEConfig(data_dim=ds.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, decoder=decoder,
-                              architecture=cfg.architecture, activation=cfg.activation, prior=cfg.prior))
-        return model
+        return VAEConfig(data_dim=ds.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, decoder=decoder,
+                         architecture=cfg.architecture, activation=cfg.activation, prior=cfg.prior)
+
+    def check_data(self, cfg: VAEExperimentConfig, ds: Dataset) -> None:
+        self.model_config(cfg, ds)  # the config's own checks against the data (a 28x28 network on other widths)
+
+    def build_model(self, cfg: VAEExperimentConfig, ds: Dataset) -> LatentModel:
+        return VAE(self.model_config(cfg, ds))
 
     def guide_config(self, cfg: VAEExperimentConfig) -> GuideConfig:
         return GuideConfig(hidden=tuple(reversed(cfg.hidden)), flow_hidden=cfg.flow_hidden, activation=cfg.activation,

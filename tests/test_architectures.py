@@ -134,3 +134,13 @@ def test_gated_mlp_model_and_guide_round_trip_through_save_and_load(tmp_path: Pa
     assert fitted.guide.guide_config.architecture == "gated-mlp" and fitted.model.config.architecture == "gated-mlp"
     assert after["elbo"] == pytest.approx(before["elbo"], rel=1e-6, abs=1e-6)
     assert after["iwae"] == pytest.approx(before["iwae"], rel=1e-6, abs=1e-6)
+
+
+def test_a_28x28_network_on_other_data_is_refused_before_anything_is_written(tmp_path, capsys) -> None:
+    from pyro_lvm.experiments import vae as vae_experiment
+
+    code = vae_experiment.main(["--dataset", "digits", "--architecture", "gated-conv", "--output",
+                                str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --architecture: 'gated-conv'")
+    assert not (tmp_path / "run").exists()
