@@ -87,6 +87,9 @@ OPTIMIZERS.register("adam")(torch.optim.Adam)
 # rounding differs from the default's in the last bits, so "adam" stays the default and earlier figures reproduce
 OPTIMIZERS.register("adam-fused", origin=(__name__, "adam-fused"))(functools.partial(torch.optim.Adam, fused=True))
 OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+# Adam with the infinity norm in place of the second moment: the optimiser of van den Berg et al. (2018) and
+# Tomczak & Welling (2018), so their protocols run as written (--optimizer adamax --lr 5e-4)
+OPTIMIZERS.register("adamax")(torch.optim.Adamax)
 OPTIMIZERS.register("sgd")(torch.optim.SGD)  # plain gradient steps: the update is proportional to the gradient
 
 #: Lightning strategies that train this library's plan (DDP averages gradients over processes)
@@ -103,7 +106,7 @@ class TrainConfig:
     epochs: int = 100
     #: minibatch size; ``None`` uses the whole training set each step
     batch_size: int | None = 100
-    #: Adam's learning rate
+    #: the optimiser's (initial) learning rate
     lr: float = 1e-3
     #: the learning rate decays exponentially to ``lr * lr_final_factor`` over the epochs (1: constant)
     lr_final_factor: float = 1.0
@@ -139,7 +142,7 @@ class TrainConfig:
     seed: int | None = None
     #: torch threads during the fit (``None``: leave the caller's setting)
     threads: int | None = None
-    #: optimiser, a name in ``OPTIMIZERS`` (adam, adam-fused, adamw, sgd)
+    #: optimiser, a name in ``OPTIMIZERS`` (adam, adam-fused, adamw, adamax, sgd)
     optimizer: str = "adam"
     #: cpu, gpu, mps or auto: where Lightning trains (``None``: where the model is)
     accelerator: str | None = None
