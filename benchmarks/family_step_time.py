@@ -45,28 +45,29 @@ def parse_family(text: str) -> tuple[str, str, str]:
     return guide, prior or "standard", objective or "elbo"
 
 
-def build(family: str, seed: int) -> tuple[VAE, Any]:
+def build(family: str, seed: int, device: str = "cpu") -> tuple[VAE, Any]:
     guide_spec, prior, _ = parse_family(family)
     set_seed(seed)
-    model = VAE(VAEConfig(data_dim=784, latent_dim=40, hidden=(300, 300), prior=prior))
-    return model, build_guide(guide_spec, model, GuideConfig(hidden=(300, 300), flow_hidden=(300,)))
+    model = VAE(VAEConfig(data_dim=784, latent_dim=40, hidden=(300, 300), prior=prior)).to(device)
+    return model, build_guide(guide_spec, model, GuideConfig(hidden=(300, 300), flow_hidden=(300,))).to(device)
 
 
 def run(families: Sequence[str], steps: int, warmup: int, seed: int, data_dir: str | None, threads: int | None,
-        repeats: int) -> dict[str, Any]:
+        repeats: int, device: str = "cpu") -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
-    train = load_dataset("binarized_mnist", DataConfig(data_dir=data_dir, seed=seed)).train
+    # on a GPU the training images live on it, as fit's data module would pin and move them
+    train = load_dataset("binarized_mnist", DataConfig(data_dir=data_dir, seed=seed)).train.to(device)
     paths = ["plain_pytorch", *families]
     per_round: dict[str, list[float]] = {k: [] for k in paths}
     params: dict[str, int] = {}
     for _ in range(repeats):
         for path in paths:
             if path == "plain_pytorch":
-                model, guide = build("amortized", seed)
+                model, guide = build("amortized", seed, device)
                 times = plain_pytorch_steps(model, guide, train, warmup + steps, 100, seed)
             else:
-                model, guide = build(path, seed)
+                model, guide = build(path, seed, device)
                 params[path] = sum(p.numel() for p in guide.parameters())
                 cfg = TrainConfig(epochs=1, batch_size=100, max_steps=warmup + steps, quiet=True, seed=seed,
                                   restore_best=False, objective=parse_family(path)[2])
@@ -83,7 +84,9 @@ def run(families: Sequence[str], steps: int, warmup: int, seed: int, data_dir: s
                      "ratio_to_vanilla": (statistics.median([a / b for a, b in zip(v, vanilla, strict=True)])
                                           if vanilla else None),
                      "guide_parameters": params.get(k)}
-    return {"benchmark": "family_step_time", "network": "784-300-300-40", "batch_size": 100, "steps": steps,
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    return {"benchmark": "family_step_time", "device": name, "network": "784-300-300-40", "batch_size": 100,
+            "steps": steps,
             "warmup_steps": warmup, "repeats": repeats, "torch_threads": torch.get_num_threads(), "timing": timing}
 
 
@@ -96,7 +99,8 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {k} | {1000 * v['seconds_per_step']:.1f} | {v['seconds_per_epoch']:.1f} | "
                      f"{v['ratio_to_plain']:.2f} | {vanilla} | {n} |")
     lines += ["", f"Median over {res['repeats']} interleaved rounds of the per-round median of {res['steps']} steps "
-              f"(after {res['warmup_steps']} warm-up), {res['torch_threads']} torch thread(s)."]
+              f"(after {res['warmup_steps']} warm-up), {res['torch_threads']} torch thread(s), on "
+              f"{res.get('device', 'cpu')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -108,12 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=positive_int, default=10)
     p.add_argument("--repeats", type=positive_int, default=3, help="rounds of the interleaved families")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where model, guide and data live")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/bench_families")
     a = p.parse_args(argv)
     families = [f.strip() for f in a.families.split(",") if f.strip()]
-    res = run(families, a.steps, a.warmup, a.seed, a.data_dir, a.threads, a.repeats)
+    res = run(families, a.steps, a.warmup, a.seed, a.data_dir, a.threads, a.repeats, a.device)
     write_outputs(a.output, res, table(res))
     return 0
 

@@ -25,7 +25,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.infer import autoguide
-from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import biject_to
@@ -36,6 +36,7 @@ from pyro_lvm.runtime import local_params
 from pyro_lvm.saving import materialize
 
 from .config import GuideConfig
+from .flows import reversal
 from .registry import register_guide
 
 #: factory(model_without_locals, init_loc_fn, config, arg) -> an autoguide over the global sites
@@ -59,14 +60,14 @@ class AutoFlowNormal(autoguide.AutoDiagonalNormal):
         d = self.latent_dim
         hidden = [max(h, d) for h in self._hidden]  # an autoregressive net needs width >= its input
         n = self._num_transforms if d > 1 else 0  # one dimension: the affine part is all there is
-        self.iafs = nn.ModuleList(T.affine_autoregressive(d, hidden, stable=True) for _ in range(n)).to(self.loc.dtype)
-        self._reverse = T.Permute(torch.arange(d - 1, -1, -1), cache_size=1)
+        # made when the prototype is (the first call): on the device and in the dtype of loc, which come from the model
+        self.iafs = nn.ModuleList(T.affine_autoregressive(d, hidden, stable=True) for _ in range(n)).to(self.loc)
 
     def transforms(self) -> list[torch.distributions.Transform]:
         """IAF layers, the coordinate order reversed between them, then θ = loc + scale ⊙ ·."""
         out: list[torch.distributions.Transform] = []
         for i, t in enumerate(self.iafs):
-            out += [self._reverse, t] if i > 0 else [t]
+            out += [reversal(), t] if i > 0 else [t]  # a cached Reverse per position, as in the local flows
         # cached: log q(θ) of the guide's own draw reads each layer's input from its cache instead of inverting the
         # IAF one coordinate at a time (d sequential passes: ~8x the cost of an epoch without it)
         return out + [T.AffineTransform(self.loc, self.scale, cache_size=1)]
@@ -120,6 +121,20 @@ class AmortizedCategorical(PyroModule):
             pyro.sample(self.site, self.distribution(x), infer={"baseline": baseline})
 
 
+class InitToModelValues:
+    """An autoguide's ``init_loc_fn``: a site starts at ``model.initial_values[site]`` where the model has one, else
+    at its prior median. The values are read when the autoguide builds its parameters (its first call), not when
+    it is made, so they are then on the model's device and in its dtype (they move with it), and so are the
+    parameters made from them."""
+
+    def __init__(self, model: LatentModel) -> None:
+        self._model = (model,)  # not a submodule
+
+    def __call__(self, site: dict[str, Any]) -> torch.Tensor:
+        values = getattr(self._model[0], "initial_values", None) or {}
+        return values[site["name"]] if site["name"] in values else init_to_median(site)
+
+
 class GlobalGuide(PyroModule):
     """An autoguide over ``model.global_sites`` and, if the model asks for one, a q(c|x) for its discrete local.
 
@@ -130,9 +145,8 @@ class GlobalGuide(PyroModule):
     def __init__(self, model: LatentModel, factory: AutoGuideFactory, config: GuideConfig, arg: int | None) -> None:
         super().__init__()
         self._model = (model,)  # not a submodule: the model's state is not the guide's
-        values = getattr(model, "initial_values", None)
-        init = init_to_value(values=values, fallback=init_to_median) if values else init_to_median
-        self.globals = factory(poutine.block(model, expose=list(model.global_sites)), init, config, arg)
+        self.globals = factory(poutine.block(model, expose=list(model.global_sites)), InitToModelValues(model),
+                               config, arg)
         self.assignments = (AmortizedCategorical(model.local_discrete_site, model.data_dim, model.latent_dim, config)
                             if model.local_discrete_site else None)
 

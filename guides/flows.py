@@ -68,6 +68,37 @@ LocalParameters = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 FromParameters = Callable[[nn.Module, dict[str, torch.Tensor]], Transform]
 
 
+class Reverse(Transform):
+    """z ↦ (z_k, …, z_1): the coordinate order reversed, a volume-preserving bijection (log|det| = 0).
+
+    Pyro's ``Permute(torch.arange(k - 1, -1, -1))`` does the same through an index tensor it keeps outside any
+    module's buffers, so a guide moved to a GPU still holds it on the CPU and its first step fails; ``flip`` has no
+    state and runs on whatever device z is on."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    volume_preserving = True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reverse)
+
+    def __hash__(self) -> int:
+        return hash(Reverse)
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-1)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y.flip(-1)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[:-1])
+
+    def with_cache(self, cache_size: int = 1) -> Reverse:
+        return self if self._cache_size == cache_size else Reverse(cache_size=cache_size)
+
+
 @dataclass(frozen=True)
 class HypernetOutputs:
     """Per-point parameters of a transform whose hypernetwork ``module.nn`` maps h to a tuple of tensors (planar:
@@ -423,6 +454,14 @@ FLOWS.register("sylvester-t")(FlowFamily(
     "et al. 2018)", _sylvester_outputs, _sylvester, layered=True))
 
 
+def reversal() -> Reverse:
+    """A fresh cached :class:`Reverse` for one position of one flow. Scoring the flow's own draw walks it backwards,
+    each step's inverse found in its cache because its input is the very tensor the next step made; one Reverse
+    shared by two positions caches only the later one, so the step before the earlier one missed and an IAF layer was
+    inverted coordinate by coordinate (k sequential passes) at every training step."""
+    return Reverse(cache_size=1)
+
+
 class AmortizedFlowGuide(DiagonalGaussianGuide):
     """q(z|x): the diagonal Gaussian of :class:`DiagonalGaussianGuide` pushed through conditioned transforms."""
 
@@ -438,14 +477,15 @@ class AmortizedFlowGuide(DiagonalGaussianGuide):
         self.transforms = nn.ModuleList(
             family.factory(self.latent_dim, context, hidden, **({"layer": i} if family.layered else {}))
             for i in range(num_transforms))
-        # reversing the order between autoregressive layers lets every coordinate depend on every other
-        self.reverse = T.Permute(torch.arange(self.latent_dim - 1, -1, -1)) if family.permute else None
+        # reversing the order between autoregressive layers lets every coordinate depend on every other; one cached
+        # Reverse per position and call (see reversal), so log q of the guide's own draw inverts nothing
+        self.permute = family.permute
 
     def conditioned(self, h: torch.Tensor) -> list[TransformModule]:
         out: list[TransformModule] = []
         for i, t in enumerate(self.transforms):
-            if self.reverse is not None and i > 0:
-                out.append(self.reverse)
+            if self.permute and i > 0:
+                out.append(reversal())
             out.append(t.condition(h) if isinstance(t, dist.ConditionalTransform) else t)
         return out
 
@@ -475,8 +515,8 @@ class AmortizedFlowGuide(DiagonalGaussianGuide):
         base = super().distribution_from(params)
         transforms: list[Transform] = []
         for i, t in enumerate(self.transforms):
-            if self.reverse is not None and i > 0:
-                transforms.append(self.reverse)
+            if self.permute and i > 0:
+                transforms.append(reversal())
             if not isinstance(t, dist.ConditionalTransform):  # a transform without per-point parameters
                 transforms.append(t)
                 continue

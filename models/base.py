@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyro
 import torch
@@ -151,6 +151,16 @@ class LatentModel(PyroModule):
 
     def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LatentModel:
+        """``to``/``double``/``cuda``: a model's ``initial_values`` (a dict of plain tensors, not buffers, as its
+        sites vary and it may be absent) follow its parameters to the new device and dtype, as buffers do, so a
+        guide started from them on a GPU starts there."""
+        super()._apply(fn, recurse)
+        values = getattr(self, "initial_values", None)
+        if values:
+            self.initial_values = {k: fn(v) for k, v in values.items()}
+        return self
 
     def _globals_to_sample_from(self, guide: object, what: str) -> dict[str, torch.Tensor]:
         """For models with latent globals: ``guide``'s point estimate of them, else the model's initial values;

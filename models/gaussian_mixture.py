@@ -83,7 +83,8 @@ class FullCovariance(DiagonalCovariance):
 
     def sample(self, model: GaussianMixture) -> Params:
         p = super().sample(model)
-        p["corr_chol"] = pyro.sample("corr_chol", dist.LKJCholesky(model.data_dim, model.config.lkj_concentration))
+        p["corr_chol"] = pyro.sample("corr_chol", dist.LKJCholesky(model.data_dim,
+                                                                  model.data_loc.new_tensor(model.config.lkj_concentration)))
         return p
 
     @staticmethod
