@@ -271,3 +271,26 @@ def test_sylvester_refuses_bad_sizes_and_reports_a_stuck_orthogonalisation() -> 
     assert torch.isnan(q[0]).all() and torch.isfinite(q[1]).all()
     q.sum().backward()
     assert torch.isnan(a.grad[0]).all() and torch.isfinite(a.grad[1]).all()
+
+
+@pytest.mark.parametrize("spec", ["iaf:3", "auto-iaf:3"])
+def test_scoring_the_guides_own_draw_inverts_no_autoregressive_layer(spec: str, monkeypatch) -> None:
+    """log q(z|x) of a draw the flow just made reads each layer's input from its cache: an IAF layer's inverse is
+    k sequential passes of its network, and with one Reverse object shared by two positions the layer before the
+    first of them was inverted at every step (three layers: one inversion per step)."""
+    from pyro.distributions.transforms import AffineAutoregressive
+
+    from pyro_lvm.models import MODELS
+    from pyro_lvm.train import ELBOS
+
+    calls = []
+    for name in ("_inverse", "_inverse_stable"):  # the stable variant binds its own at construction
+        original = getattr(AffineAutoregressive, name)
+        monkeypatch.setattr(AffineAutoregressive, name, lambda self, y, _f=original: calls.append(1) or _f(self, y))
+    torch.manual_seed(0)
+    model, x = MODELS["vae" if spec == "iaf:3" else "bayesian_fa"].example(seed=0)
+    guide = build_guide(spec, model, GuideConfig(hidden=(8,), flow_hidden=(16,)))
+    with local_params(model, guide):
+        loss = ELBOS["trace"](max_plate_nesting=1).differentiable_loss(model, guide, x)
+    assert torch.isfinite(loss) and len(guide.transforms if spec == "iaf:3" else guide.globals.iafs) == 3
+    assert not calls, f"{len(calls)} inversions of an IAF layer in one ELBO evaluation"
