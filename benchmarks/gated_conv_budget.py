@@ -45,7 +45,8 @@ PAPER_NLL = {"amortized": 82.14, "iaf": 80.79, "sylvester-o": 80.22}
 
 def protocol_flags(a: argparse.Namespace, guide: str) -> list[str]:
     """The README's command for one guide, with this run's budget-dependent settings."""
-    flags = ["--dataset", "binarized_mnist", "--architecture", "gated-conv", "--latent-dim", "64", "--guide", guide,
+    flags = ["--dataset", "binarized_mnist", "--architecture", a.architecture, "--latent-dim", str(a.latent_dim),
+             "--guide", guide,
              "--optimizer", "adamax", "--lr", "5e-4", "--lr-final-factor", "1", "--warmup-epochs",
              str(a.warmup_epochs), "--patience", "100", "--epochs", str(a.epochs), "--iwae-k", str(a.iwae_k),
              "--seed", str(a.seed), "--accelerator", a.accelerator, "--threads", str(a.threads), "--quiet"]
@@ -157,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gated_conv_budget", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--guides", default="amortized,iaf:2,sylvester-o:4", help="comma-separated guide specs")
+    p.add_argument("--architecture", default="gated-conv", help="the protocol's networks (others: quick checks)")
+    p.add_argument("--latent-dim", type=positive_int, default=64)
     p.add_argument("--train-seconds", type=float, default=300.0, help="wall-clock budget of the training phase")
     p.add_argument("--eval-seconds", type=float, default=240.0, help="wall-clock limit of the scoring phase")
     p.add_argument("--epochs", type=positive_int, default=2000, help="the protocol's cap on epochs")

@@ -91,3 +91,30 @@ def test_family_step_time_benchmark_parses_families_and_reports_ratios(tmp_path:
         assert v["ratio_to_plain"] == pytest.approx(v["seconds_per_step"] / timing["plain_pytorch"]["seconds_per_step"],
                                                     rel=1e-12)
     assert timing["amortized+vamp:3/iwae-dreg:2"]["guide_parameters"] > 0
+
+
+def test_budget_runner_scores_a_run_stopped_by_its_budget_from_its_checkpoint(tmp_path: Path, fake_mnist: Path) -> None:
+    """The gated-conv protocol runner, on the MLP for speed: a run still training when its budget ends is stopped
+    by SIGTERM (exit 143, checkpoints kept) and scored by the same command with --from-checkpoints."""
+    from benchmarks import gated_conv_budget
+
+    out = tmp_path / "budget"
+    code = gated_conv_budget.main([
+        "--guides", "amortized", "--architecture", "mlp", "--latent-dim", "2", "--accelerator", "cpu",
+        "--train-seconds", "9", "--epochs", "100000", "--iwae-k", "3", "--test-subset", "20", "--subset", "100",
+        "--threads", "1", "--data-dir", str(fake_mnist), "--output", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    row = res["results"][0]
+    assert code == 0 and row["exit_code"] == 143 and row["stopped_by_budget"] and row["eval_exit_code"] == 0
+    assert row["epochs_trained"] >= 1 and row["test"]["iwae"] >= row["test"]["elbo"]  # IWAE-K bounds the ELBO
+    assert (out / "amortized" / "checkpoints" / "amortized" / "last.ckpt").is_file()
+    assert "| amortized | " in (out / "results.md").read_text()
+
+
+def test_iaf_reversal_benchmark_reports_both_variants(tmp_path: Path) -> None:
+    from benchmarks import iaf_reversal
+
+    assert iaf_reversal.main(["--flows", "3", "--steps", "2", "--warmup", "1", "--repeats", "1", "--output",
+                              str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    assert row["guide"] == "iaf:3" and row["shared_ms"] > 0 and row["per_position_ms"] > 0
