@@ -7,7 +7,7 @@ Importing this package imports no study (so ``python -m pyro_lvm.experiments.vae
 import importlib
 
 #: the modules that define experiments (each registers one with ``@register_experiment``)
-MODULES = ("factor_analysis", "gaussian_mixture", "vae", "compare_posteriors")
+MODULES = ("factor_analysis", "gaussian_mixture", "vae", "compare_posteriors", "fit")
 
 #: studies that are not a fit-then-evaluate experiment of the harness: ``pyro-lvm NAME`` runs the module's ``main``
 STANDALONE = ("quickstart", "inference_gaps")

@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from pyro_lvm.config import ConfigError
-from pyro_lvm.harness import EXPERIMENTS, TRAINER_FLAGS, Experiment, ExperimentConfig, run_experiment
+from pyro_lvm.guides.registry import canonical_guide_specs
+from pyro_lvm.harness import EXPERIMENTS, TRAINER_FLAGS, Experiment, ExperimentConfig, run_experiment, stopped_line
 from pyro_lvm.registry import UnknownNameError
 from pyro_lvm.report import results_table
 from pyro_lvm.runtime import ACCELERATORS, cli_threads
-from pyro_lvm.train import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, TrainingError
+from pyro_lvm.train import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, TrainingError, default_warmup
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnknownNameError, TrainingError)
@@ -126,8 +127,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: A
     return added
 
 
-def parse_config(experiment: Experiment, argv: Sequence[str] | None) -> ExperimentConfig:
-    """Flags of ``experiment``'s config (and the TrainConfig fields it exposes) -> a checked config."""
+def parse_config(experiment: Experiment, argv: Sequence[str] | None,
+                 notes: list[str] | None = None) -> ExperimentConfig:
+    """Flags of ``experiment``'s config (and the TrainConfig fields it exposes) -> a checked config. Where a default
+    had to give way to the flags given (the experiment's KL warm-up to a shorter ``--epochs``), a line saying so is
+    appended to ``notes``."""
     cls, defaults = experiment.Config, experiment.Config()
     p = ArgumentParser(prog=f"pyro-lvm {experiment.name}", description=sys.modules[type(experiment).__module__].__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,10 +143,35 @@ def parse_config(experiment: Experiment, argv: Sequence[str] | None) -> Experime
                                  exclude=top, choices=choices)
     ns = p.parse_args(argv)
     try:
-        train_cfg = dataclasses.replace(defaults.train, **{k: getattr(ns, k) for k in train})
+        if "guides" in top:  # one spelling per guide, each guide once (the configs check it again)
+            ns.guides = canonical_guide_specs(ns.guides)
+        train_kwargs = {k: getattr(ns, k) for k in train}
+        if "warmup_epochs" in train and "warmup_epochs" not in _given(p, argv, ("warmup_epochs",)):
+            # the experiment's default warm-up gives way to a shorter --epochs; a warm-up the user chose does not
+            epochs = train_kwargs.get("epochs", defaults.train.epochs)
+            default = train_kwargs["warmup_epochs"]
+            warmup = default_warmup(default, epochs)
+            if warmup != default and notes is not None:
+                notes.append(f"note: --epochs {epochs} leaves no epoch after the default {default} epochs of KL "
+                             f"warm-up; warm-up shortened to {warmup} (set --warmup-epochs to choose)")
+            train_kwargs["warmup_epochs"] = warmup
+        train_cfg = dataclasses.replace(defaults.train, **train_kwargs)
         return cls(**{k: getattr(ns, k) for k in top}, train=train_cfg)
     except ConfigError as e:
         p.error(f"{flag(e.field)}: {e.reason}")
+
+
+def _given(p: argparse.ArgumentParser, argv: Sequence[str] | None, names: Sequence[str]) -> set[str]:
+    """Which of the flags of fields ``names`` the command line gives (argparse reports a default and a value given
+    equal to it alike, so the arguments are parsed once more with a marker as the default)."""
+    marker = object()
+    saved = {a.dest: a.default for a in p._actions if a.dest in names}
+    p.set_defaults(**dict.fromkeys(saved, marker))
+    try:
+        ns = p.parse_args(argv)
+    finally:
+        p.set_defaults(**saved)
+    return {name for name in saved if getattr(ns, name) is not marker}
 
 
 def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> int:
@@ -154,8 +183,12 @@ def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> 
         experiment = EXPERIMENTS[experiment]
 
     def main() -> int:
-        cfg = parse_config(experiment, argv)
+        notes: list[str] = []
+        cfg = parse_config(experiment, argv, notes)
         cfg = dataclasses.replace(cfg, threads=cli_threads(cfg.threads))
+        if not cfg.quiet:
+            for line in notes:
+                print(line, file=sys.stderr)
         try:
             with _terminate_as_exception():
                 doc = run_experiment(experiment, cfg)
@@ -164,8 +197,8 @@ def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> 
             # last.ckpt holds its last whole epoch
             again = " ".join(shlex.quote(a) for a in _command(experiment, argv, cfg.output))
             what, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
-            print(f"{what}: finished guides are in {cfg.output}/results.json; continue with: {again}",
-                  file=sys.stderr)
+            # --resume only where a checkpoint exists, results.json only where it does
+            print(stopped_line(what, cfg.output, again), file=sys.stderr)
             return code
         if not cfg.quiet and doc:  # data-parallel runs: only rank 0 has results to show
             print(results_table(doc))

@@ -37,7 +37,7 @@ from pyro_lvm.models import COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.models.bayesian_fa import BayesianFAConfig, BayesianFactorAnalysis
 from pyro_lvm.registry import Registry
-from pyro_lvm.report import atomic_write, atomic_write_text, new_figure, results_table
+from pyro_lvm.report import atomic_write_text, new_figure, results_table
 from pyro_lvm.runtime import seeded
 from pyro_lvm.train import TrainConfig
 
@@ -202,18 +202,20 @@ def nuts_for(cfg: ComparePosteriorsConfig, ds: Dataset, model: LatentModel, quie
                            max_tree_depth=cfg.nuts_max_tree_depth, jit=cfg.nuts_jit)
     idata.posterior.attrs["fingerprint"] = fingerprint
 
-    atomic_write(path, lambda f: f.write(_netcdf_bytes(idata)), binary=True)
+    _write_netcdf(idata, path)
     return idata, False
 
 
-def _netcdf_bytes(idata: Any) -> bytes:
-    """``idata`` as netCDF bytes (written to a temporary file by ArviZ, read back)."""
-    import tempfile
+def _write_netcdf(idata: Any, path: Path) -> None:
+    """``idata`` as netCDF at ``path``, atomically (``pyro_lvm.posterior_report.write_netcdf``: made in memory, so
+    HDF5 never writes to disk, nor to the system's temporary directory). ArviZ's wall-clock ``created_at`` stamp is
+    removed from every group first (as ``gaussian_mixture``'s and ``--inspect``'s files), so one seed writes the
+    same bytes."""
+    from pyro_lvm.posterior_report import write_netcdf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "idata.nc"
-        idata.to_netcdf(str(file))
-        return file.read_bytes()
+    for group in idata.groups():
+        getattr(idata, group).attrs.pop("created_at", None)
+    write_netcdf(idata, path)
 
 
 @torch.no_grad()
@@ -321,7 +323,7 @@ class ComparePosteriorsExperiment(Experiment):
         q = guide_posterior(model, guide, ds.train, num_samples=cfg.posterior_samples, seed=cfg.seed,
                             reference=reference_labels(model, nuts))
         path = Path(cfg.output) / f"{guide_tag(spec)}_posterior.nc"
-        atomic_write(path, lambda f: f.write(_netcdf_bytes(q)), binary=True)
+        _write_netcdf(q, path)
         rows = posterior_errors(nuts, q, summary.compared)
         by_quantity = {name: error_summary([r for r in rows if r["quantity"] == name]) for name in summary.compared}
         k_hat = global_pareto_k(model, guide, ds.train, num_samples=cfg.posterior_samples, seed=cfg.seed)
@@ -368,9 +370,9 @@ def comparison_markdown(doc: dict[str, Any], cfg: ComparePosteriorsConfig) -> st
     lines = [f"### {doc['experiment']} on {doc['dataset']}: {COMPARED[cfg.model].label(cfg)}, global guides "
              "against NUTS", "",
              f"NUTS reference: {s['chains']} chains × {s['num_samples']} draws after {s['warmup']} warm-up steps "
-             f"({s['sampled']}); on the compared quantities max r̂ {d['r_hat_max']:.4f}"
+             f"({s['sampled']}); on the compared quantities max r̂ {_f(d['r_hat_max'], 4)}"
              f"{'' if nuts['converged'] else f' (ABOVE {cfg.rhat_threshold}: not converged)'}, min bulk ESS "
-             f"{d['ess_bulk_min']:.0f}, min tail ESS {d['ess_tail_min']:.0f}, {d['divergences']} divergences; "
+             f"{_f(d['ess_bulk_min'], 0)}, min tail ESS {_f(d['ess_tail_min'], 0)}, {d['divergences']} divergences; "
              f"{nuts['train_seconds']:.1f} s{' (reused)' if nuts['reused'] else ''}.", "",
              f"Identifiable quantities only: {nuts['note']}.", "",
              "z = (mean_q − mean_NUTS) / sd_NUTS per scalar; sd ratio = sd_q / sd_NUTS (geometric mean over "

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_config, check_split
+from pyro_lvm.config import MAX_SEED, ConfigError, check_choice, check_config, check_split
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.evaluate import MIN_PSIS_SAMPLES, global_pareto_k
 from pyro_lvm.guides import GlobalGuide, GuideConfig, build_guide
+from pyro_lvm.guides.registry import canonical_guide_specs
 from pyro_lvm.harness import Experiment, ExperimentConfig, guide_tag, register_experiment
 from pyro_lvm.models import ASSIGNMENTS, COVARIANCES, GaussianMixture, GaussianMixtureConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
@@ -87,6 +88,11 @@ class GMMExperimentConfig(ExperimentConfig):
         check_choice(self, "assignments", ASSIGNMENTS.names())
         check_choice(self, "elbo", ELBOS.names())
         check_split(self)
+        self.guides = canonical_guide_specs(self.guides)
+        if self.seed + self.restarts - 1 > MAX_SEED:  # restart r runs under seed + r
+            raise ConfigError("seed", f"restart {self.restarts - 1} would run under seed {self.seed} + "
+                              f"{self.restarts - 1}, above {MAX_SEED}; use a seed of at most "
+                              f"{MAX_SEED - self.restarts + 1}")
         if self.theta_samples < MIN_PSIS_SAMPLES:
             raise ConfigError("theta_samples", f"must be an integer >= {MIN_PSIS_SAMPLES} (the fewest draws PSIS fits "
                               f"a Pareto tail to), got {self.theta_samples}")
@@ -182,17 +188,21 @@ def recovery(model: GaussianMixture, guide: GlobalGuide, ds: Dataset) -> dict[st
             "weights_abs_error": float((theta["weights"][rows] - truth["weights"][cols]).abs().max())}
 
 
-def write_posterior(guide: GlobalGuide, ds: Dataset, path: str, draws: int) -> dict[str, Any]:
-    """Draws θ ~ q(θ), components ordered as θ̂'s, as ArviZ InferenceData (``.nc``); returns a summary."""
+def write_posterior(guide: GlobalGuide, ds: Dataset, path: str, draws: int, seed: int | None = None) -> dict[str, Any]:
+    """Draws θ ~ q(θ), components ordered as θ̂'s, as ArviZ InferenceData (``.nc``); returns a summary. ``seed`` fixes
+    the draws (the caller's RNG states are restored afterwards; ``None``: drawn from the caller's RNG), and the file
+    carries no creation time, so one seed writes the same bytes."""
     import arviz as az
 
     from pyro_lvm.posterior_report import write_netcdf
 
-    with torch.no_grad():
+    with torch.no_grad(), seeded(seed):
         order = component_order(guide.point_estimate(ds.train))
         samples = [guide.sample_globals(ds.train) for _ in range(draws)]
         stacked = reorder({k: torch.stack([s[k] for s in samples]) for k in samples[0]}, order, batch_dims=1)
     idata = az.from_dict(posterior={k: v.numpy()[None] for k, v in stacked.items()})  # one chain
+    for group in idata.groups():  # ArviZ stamps each group with the wall-clock time
+        getattr(idata, group).attrs.pop("created_at", None)
     write_netcdf(idata, path)  # atomic: a killed run leaves the old file or the new one
     summary = az.summary(idata, var_names=["weights", "locs"], kind="stats", round_to=4)
     return {"netcdf": path, "summary": summary.reset_index().to_dict(orient="records")}
@@ -286,7 +296,7 @@ class GaussianMixtureExperiment(Experiment):
             row["recovery"] = recovery(model, guide, ds)
         if not guide.is_point_mass:
             row["posterior"] = write_posterior(guide, ds, str(Path(cfg.output) / f"{guide_tag(spec)}_posterior.nc"),
-                                               cfg.posterior_samples)
+                                               cfg.posterior_samples, seed=cfg.seed)
         # q(θ) against the posterior it approximates, p(θ | x_train); the row's "test" entries join the table's columns
         row["global_pareto_k"] = k = global_pareto_k(model, guide, ds.train, num_samples=cfg.theta_samples,
                                                      seed=cfg.seed)

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from pyro_lvm.config import check_choice, check_config
+from pyro_lvm.config import check_choice, check_config, check_parameter_memory, dense_parameters
 from pyro_lvm.data import DataConfig, Dataset
 from pyro_lvm.guides import GuideConfig
+from pyro_lvm.guides.registry import canonical_guide_specs
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models import DECODERS, VAE, VAEConfig
 from pyro_lvm.models.base import LatentModel, ModelTraits
@@ -71,6 +72,7 @@ class VAEExperimentConfig(ExperimentConfig):
         check_choice(self, "architecture", ARCHITECTURES.names())
         check_choice(self, "activation", ACTIVATIONS)
         parse_prior(self.prior)  # the model's own check of NAME[:K]
+        self.guides = canonical_guide_specs(self.guides)
 
 
 @register_experiment("vae")
@@ -103,7 +105,13 @@ class VAEExperiment(Experiment):
                          architecture=cfg.architecture, activation=cfg.activation, prior=cfg.prior)
 
     def check_data(self, cfg: VAEExperimentConfig, ds: Dataset) -> None:
-        self.model_config(cfg, ds)  # the config's own checks against the data (a 28x28 network on other widths)
+        model = self.model_config(cfg, ds)  # the config's own checks against the data (a 28x28 network on other widths)
+        if ARCHITECTURES[cfg.architecture][1] is None:  # dense networks: the encoder mirrors the decoder's --hidden
+            gated = 2 if cfg.architecture.startswith("gated") else 1
+            encoder = dense_parameters((ds.data_dim, *reversed(cfg.hidden), 2 * cfg.latent_dim)) * gated
+            check_parameter_memory("hidden", model.parameter_count() + encoder,
+                                   f"decoder and encoder of hidden sizes {cfg.hidden} (latent_dim {cfg.latent_dim}, "
+                                   f"data_dim {ds.data_dim})")
 
     def build_model(self, cfg: VAEExperimentConfig, ds: Dataset) -> LatentModel:
         return VAE(self.model_config(cfg, ds))

@@ -18,6 +18,7 @@ from .registry import (
     GuideEntry,
     build_guide,
     check_guide,
+    check_guide_belongs,
     guide_names,
     parse_guide_spec,
     register_guide,
@@ -28,5 +29,5 @@ __all__ = [
     "AmortizedCategorical", "AutoFlowNormal", "GlobalGuide", "FLOWS", "GUIDES", "AmortizedFlowGuide",
     "AmortizedGuide", "DiagonalGaussianGuide",
     "ExactPosteriorGuide", "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names",
-    "parse_guide_spec", "register_guide", "check_guide", "usable_guides",
+    "parse_guide_spec", "register_guide", "check_guide", "check_guide_belongs", "usable_guides",
 ]

@@ -6,11 +6,14 @@ A family declares what it needs of a model as a function of the model's :class:`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyro.nn import PyroModule
 
+from pyro_lvm.config import ConfigError
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry, split_spec
 
@@ -67,14 +70,47 @@ def register_guide(
 
 
 def parse_guide_spec(spec: str) -> tuple[GuideEntry, int | None]:
-    """``"planar:10"`` -> (planar entry, 10); ``"amortized"`` -> (entry, None)."""
+    """``"planar:10"`` -> (planar entry, 10); ``"amortized"`` -> (entry, None). K is plain decimal digits: ``+2``,
+    ``2_0`` or `` 2`` (which ``int`` would read) are refused, so one guide has one spelling."""
     name, _, arg_text = spec.strip().partition(":")
     entry = GUIDES[name]
     if not arg_text:
         return entry, entry.default_arg
     if entry.arg_name is None:
         raise ValueError(f"guide {name!r} takes no ':K' argument (got {spec!r})")
+    if not re.fullmatch(r"[0-9]+", arg_text):
+        raise ValueError(f"guide {spec!r}: {entry.arg_name} must be written as plain digits, e.g. {name}:2")
     return entry, split_spec(spec, "guide", entry.arg_name)[1]
+
+
+def canonical_guide_spec(spec: str) -> str:
+    """The one spelling of a guide spec: ``NAME``, or ``NAME:K`` with K as plain digits without leading zeros
+    (``" planar:02 "`` -> ``"planar:2"``)."""
+    entry, arg = parse_guide_spec(spec)
+    return f"{entry.name}:{arg}" if ":" in spec else entry.name
+
+
+def canonical_guide_specs(specs: Iterable[str], field: str = "guides") -> tuple[str, ...]:
+    """Each spec in its one spelling (:func:`canonical_guide_spec`); a guide named twice is refused (it would train
+    the same guide again under another name; ``planar`` and ``planar:<its default K>`` are one guide too) with a
+    ``ConfigError`` naming ``field``."""
+    seen: dict[tuple[str, int | None], str] = {}  # (family, K) -> the spec that named it first
+    out: list[str] = []
+    for spec in specs:
+        if not spec.strip():
+            continue
+        try:
+            entry, arg = parse_guide_spec(spec)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(field, str(e).strip("'\"")) from None
+        canonical = canonical_guide_spec(spec)
+        first = seen.get((entry.name, arg))
+        if first is not None:
+            same = "" if first == spec.strip() else f" ({first!r} and {spec.strip()!r} are the same guide)"
+            raise ConfigError(field, f"guide {canonical!r} is given twice{same}; name each guide once")
+        seen[(entry.name, arg)] = spec.strip()
+        out.append(canonical)
+    return tuple(out)
 
 
 def usable_guides(traits: ModelTraits) -> list[str]:
@@ -97,12 +133,33 @@ def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None
     The guide remembers ``spec`` and ``config`` (``guide.spec``, ``guide.guide_config``), which is what
     :func:`pyro_lvm.save` stores to rebuild it.
     """
+    from pyro_lvm.wrap import require_model
+
+    require_model(model, "model")
     entry, arg = check_guide(spec, model.traits)
     config = config or GuideConfig()
     guide = entry.factory(model, config, arg)
     guide.spec, guide.guide_config = spec.strip(), config
+    # which model the guide belongs to: a token, not a reference (a guide never holds its model; it pickles)
+    guide.__dict__["model_token"] = model.__dict__.setdefault("_guide_token", uuid.uuid4().hex)
     model.bind_guide(guide)  # a prior that shares the guide's encoder (VampPrior) gets it here
     return guide
+
+
+def check_guide_belongs(model: LatentModel, guide: object) -> None:
+    """Refuse (``ValueError`` naming ``guide``) a guide that would train or score the wrong thing with ``model``:
+    one built by :func:`build_guide` for another model instance (an ``exact`` guide reads its own model's
+    parameters, so with another model it is no longer exact), or whose parameters are of another dtype."""
+    token = getattr(guide, "__dict__", {}).get("model_token")
+    if token is not None and token != model.__dict__.get("_guide_token"):
+        raise ValueError(f"guide: {getattr(guide, 'spec', type(guide).__name__)!r} was built for another model "
+                         f"instance than this {type(model).__name__}; build it for this one with "
+                         "build_guide(spec, model)")
+    params = [p for p in guide.parameters() if p.is_floating_point()] if hasattr(guide, "parameters") else []
+    bad = next((p.dtype for p in params if p.dtype != model.dtype), None)
+    if bad is not None:
+        raise ValueError(f"guide: its parameters are {bad}, the model's {model.dtype}; move both with "
+                         f"model.to({model.dtype}) and guide.to({model.dtype})")
 
 
 def guide_names() -> list[str]:

@@ -116,9 +116,11 @@ class LatentModel(PyroModule):
         return module_device(self)
 
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
-        """Check data at the boundary (2-D, right width, finite) and return it as a tensor of the model's
-        dtype on its device; subclasses add their own rules."""
-        return check_matrix(x, name=name, width=self.data_dim, dtype=self.dtype, device=self.device)
+        """Check data at the boundary (2-D, right width, finite, representable in the model's dtype, squares
+        finite there too) and return it as a tensor of the model's dtype on its device; subclasses add their
+        own rules. Bad data raise one ``ValueError`` line starting with ``name``."""
+        return check_matrix(x, name=name, width=self.data_dim, dtype=self.dtype, device=self.device,
+                            finite_square=True)
 
     def validate_training(self, x: object, name: str = "training data") -> torch.Tensor:
         """Check training data: :meth:`validate` plus any rule that only training needs."""

@@ -11,7 +11,7 @@ import torch
 from pyro.distributions import Distribution, constraints
 from torch import nn
 
-from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.config import ConfigError, check_choice, check_config, check_parameter_memory, dense_parameters
 from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES, decoder_network
 from pyro_lvm.registry import Registry, register_model, split_spec
 from pyro_lvm.runtime import seeded
@@ -54,6 +54,17 @@ class VAEConfig:
         if widths is not None and self.data_dim not in widths:
             raise ConfigError("architecture", f"{self.architecture!r} makes outputs of width {widths}, but "
                               f"data_dim is {self.data_dim}; use 'mlp' or 'gated-mlp'")
+        if widths is None:  # before any layer is allocated: --hidden 100000000 asked for hundreds of GB
+            check_parameter_memory("hidden", self.parameter_count(), f"a decoder of hidden sizes {self.hidden} "
+                                   f"(latent_dim {self.latent_dim}, data_dim {self.data_dim})")
+
+    def parameter_count(self) -> int:
+        """The decoder network's weights and biases, estimated from the config alone (dense architectures; a gated
+        layer has two): what :func:`pyro_lvm.config.check_parameter_memory` weighs before anything is built."""
+        if ARCHITECTURES[self.architecture][1] is not None:
+            return 0  # the fixed 28x28 convolutional networks: small, and not sized by hidden
+        gated = 2 if self.architecture.startswith("gated") else 1
+        return dense_parameters((self.latent_dim, *self.hidden, self.data_dim)) * gated
 
 
 def parse_prior(spec: str) -> tuple[str, int | None]:

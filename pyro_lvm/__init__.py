@@ -21,10 +21,12 @@ from pyro_lvm.gaps import GapConfig, inference_gaps  # noqa: F401  (approximatio
 from pyro_lvm.guides import GUIDES, GuideConfig, build_guide
 from pyro_lvm.inspect import to_inference_data
 from pyro_lvm.models import MODELS, LatentModel
-from pyro_lvm.registry import UnknownNameError
+from pyro_lvm.models.base import data_plate
+from pyro_lvm.registry import UnknownNameError, register_model
 from pyro_lvm.runtime import local_params
 from pyro_lvm.saving import Fitted, library_version, load, save
 from pyro_lvm.train import FitResult, TrainConfig, TrainingError, fit
+from pyro_lvm.wrap import wrap_model
 
 __version__ = library_version()
 
@@ -51,5 +53,5 @@ __all__ = [
     "ConfigError", "DataConfig", "Dataset", "EvalConfig", "FitResult", "Fitted", "GUIDES", "GuideConfig", "MODELS",
     "LatentModel", "TrainConfig", "TrainingError", "UnknownNameError", "__version__", "build_guide", "build_model",
     "evaluate", "fit", "from_array", "load", "load_dataset", "load_file", "local_params", "save",
-    "to_inference_data",
+    "to_inference_data", "wrap_model", "register_model", "data_plate",
 ]

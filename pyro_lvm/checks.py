@@ -10,6 +10,7 @@ pandas is optional: it is never imported here; a DataFrame is recognised only if
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -107,13 +108,17 @@ def check_matrix(
     width: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    finite_square: bool = False,
 ) -> torch.Tensor:
     """Return ``x`` as a 2-D (points x features) floating tensor, or raise a one-line ``ValueError``.
 
     ``x`` may be a tensor, a NumPy array of any real dtype (float16/32/64, ints, bool), a pandas DataFrame of
     numeric columns, or nested lists. The result has ``dtype`` (default: ``x``'s own floating dtype, else
     torch's default dtype) and lives on ``device`` (default: where ``x`` is). ``name`` starts every message;
-    ``width`` is the number of features each point must have.
+    ``width`` is the number of features each point must have. Values finite in ``x`` but not in ``dtype``
+    (``1e300`` cast to float32) are refused; ``finite_square=True`` (the models' :meth:`validate`) also refuses
+    values whose square overflows ``dtype`` (above about 1.8e19 in float32, 1.3e154 in float64), since no
+    Gaussian likelihood of them is finite.
     """
     columns = list(x.columns) if is_dataframe(x) else None
     t, floating = _as_tensor(x, name)
@@ -143,6 +148,18 @@ def check_matrix(
             f"{name}: {float(t[row, col])} at row {row}, column {col} (counting from 0) overflows {target} "
             f"({n_rows} rows affected); rescale the data or ask for a wider dtype"
         )
+    if finite_square:
+        over = out.abs() > math.sqrt(torch.finfo(out.dtype).max)  # (N, D)
+        if bool(over.any()):
+            rows = over.any(-1).nonzero().flatten()
+            row = int(rows[0])
+            col = int(over[row].nonzero()[0, 0])
+            label = f" ({columns[col]!r})" if columns is not None else ""
+            raise ValueError(
+                f"{name}: {float(out[row, col]):g} at row {row}, column {col}{label} (counting from 0) is too large "
+                f"for {out.dtype}: its square overflows, so the model's likelihood would not be finite ({len(rows)} "
+                f"of {out.shape[0]} rows hold such values); standardize or rescale the data"
+            )
     return out
 
 

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+
+#: the largest seed: every RNG a seed reaches accepts [0, 2**32 - 1] (NumPy's legacy ``np.random.seed``, which
+#: ``pyro.set_rng_seed`` calls, and scikit-learn's ``random_state``; torch would take up to 2**64 - 1)
+MAX_SEED = 2**32 - 1
+#: the most torch threads a config may ask for. A fixed number, not a multiple of this machine's cores, so a config
+#: valid on one machine is valid on every one: above the hardware threads of the largest single machines (2 x 192
+#: cores x 2), and far below where OpenMP's thread creation fails (100,000 threads crashed the process); more threads
+#: than cores only oversubscribe them
+MAX_THREADS = 1024
+#: upper bounds of integer fields, by field name, wherever a config checks them as ``positive_int``/``nonneg_int``
+UPPER_LIMITS = {"threads": MAX_THREADS}
+#: bytes a parameter costs while training: itself, its gradient and Adam's two moments, 4 numbers of 4 bytes (float32)
+TRAINING_BYTES_PER_PARAMETER = 16
 
 
 class ConfigError(ValueError):
@@ -35,12 +49,15 @@ def check_config(
     nonneg: Iterable[str] = (),
     unit: Iterable[str] = (),
     layers: Iterable[str] = (),
+    seeds: Iterable[str] = ("seed",),
 ) -> None:
     """Check numeric fields of ``cfg`` (``None`` values are skipped: they mean "not set").
 
     ``positive_int``: integers >= 1; ``nonneg_int``: integers >= 0; ``positive``: finite numbers > 0;
     ``nonneg``: finite numbers >= 0; ``unit``: finite numbers in (0, 1]; ``layers``: sequences of layer
-    sizes, each an integer >= 1 (empty allowed: no hidden layer).
+    sizes, each an integer >= 1 (empty allowed: no hidden layer). Integer fields named in :data:`UPPER_LIMITS`
+    (``threads``) are also held below their limit. ``seeds``: fields holding an RNG seed, integers in
+    [0, :data:`MAX_SEED`]; by default ``seed``, where ``cfg`` has one, so every config's seed gets the same range.
     """
     def value(name: str) -> Any:
         return getattr(cfg, name)
@@ -49,10 +66,15 @@ def check_config(
         v = value(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(name, f"must be an integer >= 1, got {v!r}")
+        check_upper_limit(name, v)
     for name in nonneg_int:
         v = value(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ConfigError(name, f"must be an integer >= 0, got {v!r}")
+        check_upper_limit(name, v)
+    for name in seeds:
+        if hasattr(cfg, name):
+            check_seed(value(name), name)
     for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (nonneg, lambda v: v >= 0, ">= 0"),
                             (unit, lambda v: 0 < v <= 1, "in (0, 1]")):
         for name in names:
@@ -65,6 +87,50 @@ def check_config(
         v = value(name)
         if v is not None and any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in v):
             raise ConfigError(name, f"layer sizes must be integers >= 1, got {tuple(v)}")
+
+
+def check_seed(seed: Any, name: str = "seed") -> None:
+    """``seed``: ``None`` (not set) or an integer in [0, :data:`MAX_SEED`]; else a ``ConfigError`` naming ``name``."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(name, f"must be an integer in [0, 2**32 - 1], got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(name, f"must be in [0, 2**32 - 1] = [0, {MAX_SEED}] (the range NumPy and scikit-learn "
+                          f"accept), got {seed}; pick a seed in that range")
+
+
+def check_upper_limit(name: str, v: Any) -> None:
+    """An integer field named in :data:`UPPER_LIMITS` must not exceed its limit."""
+    limit = UPPER_LIMITS.get(name)
+    if limit is not None and isinstance(v, int) and v > limit:
+        raise ConfigError(name, f"must be at most {limit}, got {v}; more threads than cores only oversubscribe them "
+                          f"(this machine has {os.cpu_count()})")
+
+
+def dense_parameters(sizes: Sequence[int]) -> int:
+    """Weights and biases of dense layers ``sizes[0] -> sizes[1] -> ...``."""
+    return sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (``None`` where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_parameter_memory(name: str, parameters: int, what: str,
+                           bytes_per_parameter: int = TRAINING_BYTES_PER_PARAMETER) -> None:
+    """Refuse, before anything is allocated, networks whose training state (``parameters`` x ``bytes_per_parameter``:
+    parameter, gradient, Adam's two moments) would not fit in this machine's physical memory; the
+    ``ConfigError`` names field ``name`` and gives the estimate in GB."""
+    need, have = parameters * bytes_per_parameter, physical_memory()
+    if have is not None and need > have:
+        raise ConfigError(name, f"{what} would have {parameters:,} parameters, about {need / 1e9:,.1f} GB to train "
+                          f"(parameters, gradients and optimiser state), more than this machine's {have / 1e9:.1f} GB "
+                          "of memory; use smaller layers")
 
 
 def check_split(cfg: object, name: str = "split") -> None:

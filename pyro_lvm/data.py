@@ -8,9 +8,11 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -340,6 +342,40 @@ def _is_binary(a: np.ndarray) -> bool:
     return bool(((a == 0) | (a == 1)).all())
 
 
+def _label(names: Sequence[str] | None, col: int) -> str:
+    return f" ({names[col]!r})" if names is not None and col < len(names) else ""
+
+
+#: the largest magnitude whose square is a finite float64 (about 1.34e154)
+MAX_SQUARABLE = float(np.sqrt(np.finfo(np.float64).max))
+
+
+def _check_range(a: np.ndarray, where: str, names: Sequence[str] | None, *, standardize: bool,
+                 dtype: torch.dtype) -> None:
+    """Refuse values that standardizing cannot handle (their square overflows float64, so the column's std
+    would be inf and the column all 0) or, kept as they are, the target ``dtype`` cannot hold (inf once cast)."""
+    if standardize:
+        limit, why = MAX_SQUARABLE, ("is too large to standardize: its square overflows float64, so the column's "
+                                     "standard deviation would be inf")
+        fix = "rescale that column (e.g. divide it by a power of 10) or drop those rows"
+    else:
+        if not dtype.is_floating_point:
+            return
+        limit = float(torch.finfo(dtype).max)
+        if limit >= np.finfo(np.float64).max:
+            return  # float64: check_matrix has made sure every value is finite
+        why = f"overflows {dtype} (largest finite {limit:g}): it would become inf"
+        fix = "rescale the data, standardize it (standardize=True), or ask for a wider dtype (e.g. torch.float64)"
+    over = np.abs(a) > limit
+    if not over.any():
+        return
+    rows = np.flatnonzero(over.any(1))
+    r = int(rows[0])
+    c = int(np.flatnonzero(over[r])[0])
+    raise ValueError(f"{where}: {a[r, c]:g} at row {r}, column {c}{_label(names, c)} (counting from 0) {why} "
+                     f"({len(rows)} of {len(a)} rows hold such values); {fix}")
+
+
 def _dataset(
     name: str,
     x: Any,
@@ -406,9 +442,22 @@ def _dataset(
 
     binary_values = all(_is_binary(a) for a in raw.values() if a is not None)
     standardize = not binary_values if standardize is None else standardize
+    unsplit = {k: a for k, a in raw.items() if a is not None} if given else {"train": first}  # rows as given
+    for k, a in unsplit.items():
+        _check_range(a, where_of[k], names, standardize=standardize, dtype=dtype)
     train = raw["train"]
     if standardize:
-        mean, std = train.mean(0), train.std(0)  # (D,)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean, std = train.mean(0), train.std(0)  # (D,)
+        spread = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
+        if len(spread):  # each value's square fits (checked above), yet their sum of squares does not
+            c = int(spread[0])
+            r = int(np.argmax(np.abs(first[:, c])))
+            raise ValueError(
+                f"{where}: column {c}{_label(names, c)} cannot be standardized: its variance overflows float64 "
+                f"(largest value {first[r, c]:g} at row {r}, counting from 0); rescale that column (e.g. divide it "
+                "by a power of 10) or drop its largest values"
+            )
         keep = std > 1e-8
         if not keep.any():
             raise ValueError(f"{where}: every column is constant in the train split; nothing is left to model")
@@ -509,9 +558,13 @@ class RawTable:
     data: Any
     valid: Any = None
     test: Any = None
+    #: what the reader assumed (e.g. "no header"): :func:`load_file` warns with each once the data have loaded
+    notes: tuple[str, ...] = ()
 
 
 FileReader = Callable[[Path], RawTable]
+#: a data file must hold at least this many feature columns (every model here needs 2 or more)
+MIN_FEATURES = 2
 #: suffix (lower case, with the dot) -> reader; add formats with :func:`register_reader`
 FILE_READERS: dict[str, FileReader] = {}
 
@@ -564,18 +617,163 @@ def csv_has_header(path: Path) -> bool:
     return any(not _is_number(a) and _is_number(b) for a, b in zip(rows[0], rows[1], strict=False))
 
 
+#: bytes of a CSV file looked at for its encoding, delimiter, header and widths before pandas reads it
+CSV_SNIFF_BYTES = 1 << 16
+#: lines of it looked at
+CSV_SNIFF_LINES = 50
+_DELIMITERS = ((";", "semicolon"), ("\t", "tab"))
+_NUMBER_RUN = r"[-+0-9.eE ]*"
+
+
+def _utf8_error(path: Path) -> tuple[int, int, int] | None:
+    """(byte value, line, offset) of the first byte of ``path`` that is not UTF-8, or ``None``."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                return chunk[e.start], line + chunk[:e.start].count(b"\n"), offset + e.start
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+    return None
+
+
+def _not_utf8(path: Path) -> ValueError:
+    bad = _utf8_error(path)
+    where = f" (byte 0x{bad[0]:02x} on line {bad[1]} is not UTF-8)" if bad else ""
+    return ValueError(f"{path}: cannot read as CSV: the file is not UTF-8 text{where}; it is probably latin-1 or "
+                      "Windows-1252: re-save it as UTF-8 (e.g. Excel's 'CSV UTF-8', or iconv -f latin1 -t utf-8 "
+                      "IN.csv > OUT.csv)")
+
+
+def _csv_head(path: Path) -> list[str]:
+    """The first complete lines of a CSV file, or one ``ValueError`` naming its encoding (UTF-16/32, latin-1)."""
+    with open(path, "rb") as f:
+        head = f.read(CSV_SNIFF_BYTES)
+        complete = not f.read(1)
+    utf32 = head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"))
+    if utf32 or head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        enc = "UTF-32" if utf32 else "UTF-16"
+        why = (f"it starts with a {enc} byte-order mark" if utf32 or head[:2] in (b"\xff\xfe", b"\xfe\xff")
+               else "it holds NUL bytes: UTF-16 text without a byte-order mark, or not text at all")
+        raise ValueError(f"{path}: cannot read as CSV: the file looks {enc}-encoded ({why}); re-save it as UTF-8 "
+                         f"(e.g. Excel's 'CSV UTF-8', or iconv -f {enc} -t utf-8 IN.csv > OUT.csv)")
+    try:
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=complete)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    lines = text.splitlines()
+    if not complete:
+        lines = lines[:-1]  # perhaps cut short
+    return [line for line in lines if line.strip()][:CSV_SNIFF_LINES]
+
+
+def _other_delimiter(path: Path, lines: list[str]) -> None:
+    """Refuse a file whose lines are separated by ``;``, tabs or spaces rather than commas, naming the fix."""
+    if not lines:
+        return
+    comma = [row for row in csv.reader(lines)]
+    comma_table = len({len(r) for r in comma}) == 1 and len(comma[0]) >= 2
+    for sep, label in _DELIMITERS:
+        counts = {line.count(sep) for line in lines}
+        if len(counts) != 1 or 0 in counts:
+            continue
+        joined = [f for r in comma for f in r if sep in f]
+        decimal_comma = bool(joined) and all(re.fullmatch(f"{_NUMBER_RUN}(?:{re.escape(sep)}{_NUMBER_RUN})+",
+                                                          f.strip()) for f in joined)
+        if comma_table and not (decimal_comma and any(re.search(r"\d,\d", line) for line in lines)):
+            continue  # a comma table that happens to hold the character in a text column
+        decimal = ", decimal=','" if re.search(r"\d,\d", lines[-1]) else ""
+        raise ValueError(
+            f"{path}: cannot read as CSV: the file looks {label}-separated (each line holds {counts.pop()} {sep!r}, "
+            f"read on commas it gives {'one column' if not comma_table else 'columns of text'}); convert it to "
+            f"comma-separated, e.g. pandas.read_csv(IN, sep={sep!r}{decimal}).to_csv(OUT, index=False)"
+        )
+    widths = {len(line.split()) for line in lines}
+    if all(len(r) == 1 for r in comma) and len(widths) == 1 and widths.pop() >= 2 and _is_number(lines[-1].split()[0]):
+        raise ValueError(f"{path}: cannot read as CSV: the file looks whitespace-separated (one column when read on "
+                         "commas, its values hold spaces); convert it to comma-separated, e.g. "
+                         "pandas.read_csv(IN, sep=r'\\s+').to_csv(OUT, index=False), or np.savetxt(..., delimiter=',')")
+
+
+def _header_rows(lines: list[str]) -> tuple[list[list[str]], list[int]]:
+    """The first two non-empty rows of ``lines`` parsed as CSV, and the line (from 1) each starts on."""
+    rows: list[list[str]] = []
+    starts: list[int] = []
+    reader = csv.reader(lines)
+    for row in reader:
+        if any(f.strip() for f in row):
+            rows.append(row)
+            starts.append(reader.line_num)
+        if len(rows) == 2:
+            break
+    return rows, starts
+
+
+def _header_policy(path: Path, lines: list[str]) -> tuple[bool, tuple[str, ...]]:
+    """Whether the CSV has a header (:func:`csv_has_header`'s rule), and notes on what was assumed; refuses a
+    header whose width differs from the first data row's, and a first row of column numbers 0..D-1 (D >= 3)."""
+    rows, starts = _header_rows(lines)
+    if not rows:
+        return False, ()
+    first = rows[0]
+    if len(rows) == 1:
+        header = not all(_is_number(v) for v in first)
+    else:
+        header = any(not _is_number(a) and _is_number(b) for a, b in zip(first, rows[1], strict=False))
+    if header and len(rows) == 2 and len(first) != len(rows[1]):
+        h, w = len(first), len(rows[1])
+        if h < w:
+            trailing = " (or remove the trailing comma from each row)" if not rows[1][-1].strip() else ""
+            lost = "first column" if w - h == 1 else f"first {w - h} columns"
+            what = f"pandas would take the {lost} as row labels and lose it; name every column in the header{trailing}"
+        else:
+            extra = "last named column" if h - w == 1 else f"last {h - w} named columns"
+            what = f"the {extra} would be empty; remove the extra names or fill in the values"
+        raise ValueError(f"{path}: the header (line {starts[0]}) has {h} names but the first data row (line "
+                         f"{starts[1]}) has {w} values; {what}")
+    if header:
+        return True, ()
+    numbers = [v.strip() for v in first]
+    if len(numbers) >= 3 and all(re.fullmatch(r"\d+", v) for v in numbers):
+        if [int(v) for v in numbers] == list(range(len(numbers))):
+            raise ValueError(
+                f"{path}: the first row is {numbers[0]}, {numbers[1]}, ..., {numbers[-1]}: column numbers, most likely "
+                "a header written by DataFrame.to_csv, but a header of numbers cannot be told from data; give the "
+                "columns names that are not numbers (e.g. x0,x1,...) or delete that line (if it is data, save the "
+                "table as .npy)"
+            )
+    return False, (f"{path}: the first row is all numbers, so it is read as data (no header); if it is a header, "
+                   "give the columns names that are not numbers (e.g. x0,x1,...) or delete that line",)
+
+
 @register_reader(".csv")
 def read_csv(path: Path) -> RawTable:
-    """A comma-separated table; the header is detected (:func:`csv_has_header`); floats are read exactly."""
+    """A comma-separated UTF-8 table; floats are read exactly.
+
+    The header is detected (:func:`csv_has_header`): the first row is a header when some field in it is not a
+    number where the row under it has one. **A first row that is all numbers is data** (no header), and
+    :func:`load_file` warns once that it assumed so; a first row of column numbers ``0,1,...,D-1`` (D >= 3:
+    what ``DataFrame.to_csv`` writes for unnamed columns) is refused instead, as it cannot be told from data.
+
+    Refused with one line that names the fix: a header with fewer or more names than the first data row has
+    values (pandas would turn the extra columns into row labels), a UTF-16/32 or latin-1 file (re-save as
+    UTF-8), and a ``;``-, tab- or space-separated file (convert to comma-separated).
+    """
     pd = _pandas(path)
     # pandas < 3 parses floats to within an ulp unless asked for round trips; pandas 3 is exact (and deprecates it)
     exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+    lines = _csv_head(path)
+    _other_delimiter(path, lines)
+    header, notes = _header_policy(path, lines)
     try:
-        header = csv_has_header(path)
         df = pd.read_csv(path, header=0 if header else None, skipinitialspace=True, **exact)
+    except UnicodeDecodeError:  # past the bytes looked at
+        raise _not_utf8(path) from None
     except Exception as e:  # noqa: BLE001 - ragged rows, empty or binary files: say what the parser said
         raise ValueError(f"{path}: cannot read as CSV ({one_line(e)})") from None
-    return RawTable(df)
+    return RawTable(df, notes=notes)
 
 
 @register_reader(".npy")
@@ -634,6 +832,10 @@ def load_file(
     The split fractions, seed, dtype and subset come from ``config``; ``columns`` selects columns by name or
     0-based index. ``standardize=None`` follows ``config.standardize``: standardize by train statistics unless
     every value is 0/1. Errors are one line starting with the file's absolute path.
+
+    Refused besides what :func:`from_array` refuses: fewer than :data:`MIN_FEATURES` feature columns (after
+    ``columns`` and dropping constant columns), and the CSV problems listed in :func:`read_csv` (a CSV whose
+    first row is all numbers is read without a header, with a ``UserWarning`` saying so).
     """
     config = config or DataConfig()
     path = Path(path).expanduser().resolve()
@@ -648,9 +850,25 @@ def load_file(
     table = reader(path)
     if standardize is None and not config.standardize:
         standardize = False
-    return _dataset(path.stem, table.data, table.valid, table.test, where=str(path), split=config.split,
-                    seed=config.seed, standardize=standardize, dtype=config.dtype, subset=config.subset,
-                    columns=columns, source=str(path), path=path, files=(path,), meta={"path": str(path)})
+    ds = _dataset(path.stem, table.data, table.valid, table.test, where=str(path), split=config.split,
+                  seed=config.seed, standardize=standardize, dtype=config.dtype, subset=config.subset,
+                  columns=columns, source=str(path), path=path, files=(path,), meta={"path": str(path)})
+    if ds.data_dim < MIN_FEATURES:
+        raw_width = ds.origin.shape[1] if ds.origin is not None else ds.data_dim
+        dropped = ds.meta.get("dropped_constant_columns") or []
+        names = ds.meta.get("feature_names")
+        what = (f"only {ds.data_dim} feature column{'s' if ds.data_dim != 1 else ''}"
+                + (f" ({', '.join(repr(n) for n in names)})" if names else ""))
+        if dropped:
+            what += f" once {len(dropped)} constant column(s) of {raw_width} are dropped"
+        elif columns is not None:
+            what += " selected by columns"
+        raise ValueError(f"{path}: the data have {what}; the models need at least {MIN_FEATURES} (factor analysis "
+                         "needs more columns than --latent-dim); give a table with 2 or more numeric, non-constant "
+                         "columns")
+    for note in table.notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------

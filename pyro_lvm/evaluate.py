@@ -132,7 +132,9 @@ def trace_terms(model: LatentModel, guide_tr: Any, model_tr: Any, shape: tuple[i
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
             lp = site["fn"].log_prob(site["value"])
-            key = observed_key if site["is_observed"] else latent_key
+            # a wrapped function's local sites are scored as observed (z = T(u)) but are latents: log p(z)
+            local = site["infer"].get("pyro_lvm_local", False)
+            key = observed_key if site["is_observed"] and not local else latent_key
             if key is None:
                 raise ValueError(f"guide has an observed site {site['name']!r}")
             out[key] = out[key] + lp.expand(shape)
@@ -153,7 +155,23 @@ def psis_tail_size(num_samples: int) -> int:
     return min(num_samples, math.ceil(min(num_samples / 5.0, 3.0 * math.sqrt(num_samples))))
 
 
-def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: c in the rounding tolerance of :func:`psis`: a column of log-weights whose spread is at most
+#: c · eps · max(1, M) (eps: the resolution of the dtype its terms were computed in; M: the largest Σ |term| of
+#: its draws) is constant to within rounding. Why 2¹⁰: each term log p(x|z), log p(z), log q(z|x) comes out of
+#: its own float arithmetic with an absolute error of κ · eps · |intermediates|, and the intermediates exceed the
+#: term where the arithmetic cancels (x − (μ + W z) for data far from 0 in units of the noise scale, z − m for a
+#: narrow posterior), so κ is not 1. Measured with the exact guide of factor analysis (the log-weights then equal
+#: log p(x) for every draw, so their whole spread is rounding), spread / (eps · M): at most 90 on standardized
+#: data (diabetes, digits, synthetic; float32 and float64 alike) and 480 on raw, unstandardized wine (proline in
+#: the thousands). 2¹⁰ covers both with room to spare while staying far below any real tail: in float32 it is
+#: 1.2e-4 · M, 0.005 nats for the diabetes model's M ≈ 40 and 0.04 nats for digits' M ≈ 300, so the weights of
+#: a column it calls constant differ by well under 5 % — bounded weights, whose Pareto tail is empty (k̂ < 0 in
+#: truth) — whereas a guide that misses posterior mass leaves a spread of nats
+PSIS_ROUNDING_FACTOR = 1024.0
+
+
+def psis(log_w: torch.Tensor, *, magnitude: torch.Tensor | None = None,
+         resolution: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Pareto-smoothed log importance weights and the Pareto shape k̂ of each column of ``log_w`` (K, P).
 
     ArviZ's ``az.psislw(·, reff=1.0, normalize=False)`` over the K draws of each of the P points (the draws
@@ -162,17 +180,27 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and k̂ (P,) in float64. Two cases get no Pareto fit and keep their raw weights:
 
     * K < :data:`MIN_PSIS_SAMPLES`: too few draws for a tail fit; k̂ = NaN (not estimated).
-    * a column whose weights are equal to within rounding (max − min ≤ √eps · max(1, |max|) in the input's
-      dtype), as for the exact posterior: the weights are constant, the tail has no shape, and the fit would
-      see only rounding noise (a few tied values, from which ArviZ returns anything from −2 to inf);
-      k̂ = −inf, the limit of a generalized Pareto tail collapsing onto its end point.
+    * a column whose weights are equal to within rounding, as for the exact posterior: the weights are
+      constant, the tail has no shape, and the fit would see only rounding noise (a few tied values, or
+      float32 noise on a constant, from which ArviZ returns anything from −2 to inf); k̂ = −inf, the limit of a
+      generalized Pareto tail collapsing onto its end point. "Within rounding" is max − min ≤ either
+      √eps · max(1, |max|) in ``log_w``'s own dtype (rounding of the weights as given), or
+      :data:`PSIS_ROUNDING_FACTOR` · ``resolution`` · max(1, ``magnitude``) (rounding of the terms the weights
+      were computed from). ``magnitude`` (P,) is each column's largest Σ |log-density term| over its draws
+      (default: the largest |log w|) and ``resolution`` the machine epsilon of the dtype those terms were
+      computed in (default: ``log_w``'s); a float32 model's terms summed in float64 pass float32's epsilon here,
+      since their float64 sum still carries the float32 rounding of each term.
     """
     lw = log_w.detach().to(device="cpu", dtype=torch.float64).clone()
     k_hat = torch.full(lw.shape[1:], math.nan, dtype=torch.float64)
     if lw.shape[0] < MIN_PSIS_SAMPLES:
         return lw, k_hat
     top = lw.max(0).values
-    tol = math.sqrt(torch.finfo(log_w.dtype).eps) * top.abs().clamp_min(1.0)
+    own_eps = torch.finfo(log_w.dtype).eps
+    mag = lw.abs().max(0).values if magnitude is None else magnitude.detach().to(device="cpu", dtype=torch.float64)
+    eps = own_eps if resolution is None else float(resolution)
+    tol = torch.maximum(math.sqrt(own_eps) * top.abs().clamp_min(1.0),
+                        PSIS_ROUNDING_FACTOR * eps * mag.clamp_min(1.0))
     constant = (top - lw.min(0).values) <= tol
     k_hat[constant] = -math.inf
     fit = ~constant
@@ -195,6 +223,10 @@ class PsisAccumulator:
     :func:`psis_tail_size` largest-weight ones per point, the only ones smoothing can reweight; every other
     draw is folded into a running sum Σ exp(log w − ref) z as it arrives (``ref``: the running maximum
     log-weight). So memory stays K × P + (tail + 1) × P × k, whether K fits one chunk or many.
+
+    Each chunk may also bring ``magnitude`` (s, P), the Σ |log-density term| behind each log-weight, and the
+    ``resolution`` (machine epsilon) of the dtype the terms were computed in: :func:`psis` then calls a point's
+    weights constant by the rounding those terms carry (its largest magnitude over all chunks).
     """
 
     def __init__(self, num_samples: int) -> None:
@@ -206,9 +238,17 @@ class PsisAccumulator:
         self.cand_idx: torch.Tensor | None = None  # (m, P) their sample indices
         self.body: torch.Tensor | None = None  # (P, k) Σ exp(log w − ref) z over every other draw
         self.ref: torch.Tensor | None = None  # (P,)
+        self.magnitude: torch.Tensor | None = None  # (P,) the largest Σ |term| behind any log-weight so far
+        self.resolution: float | None = None  # epsilon of the coarsest dtype the terms came in
 
-    def add(self, log_w: torch.Tensor, z: torch.Tensor) -> None:
+    def add(self, log_w: torch.Tensor, z: torch.Tensor, magnitude: torch.Tensor | None = None,
+            resolution: float | None = None) -> None:
         s, p = log_w.shape
+        if magnitude is not None:
+            m = magnitude.detach().double().max(0).values
+            self.magnitude = m if self.magnitude is None else torch.maximum(self.magnitude, m)
+        if resolution is not None:
+            self.resolution = max(resolution, self.resolution or 0.0)
         log_w, z = log_w.detach().double(), z.detach().double()
         idx = torch.arange(self.seen, self.seen + s, device=log_w.device).unsqueeze(-1).expand(s, p)
         self.seen += s
@@ -234,7 +274,7 @@ class PsisAccumulator:
         """(k̂ (P,), PSIS-corrected posterior mean (P, k)), both float64."""
         if self.seen != self.num_samples:
             raise ValueError(f"PsisAccumulator: expected {self.num_samples} draws per point, got {self.seen}")
-        smoothed, k_hat = psis(torch.cat(self.log_w))
+        smoothed, k_hat = psis(torch.cat(self.log_w), magnitude=self.magnitude, resolution=self.resolution)
         smoothed = smoothed.to(self.body.device)
         log_z = torch.logsumexp(smoothed, 0)  # (P,) normaliser of the smoothed weights
         w_cand = torch.exp(smoothed.gather(0, self.cand_idx) - log_z)  # (m, P)
@@ -267,17 +307,23 @@ def per_point_bounds(
         for s0 in range(0, num_samples, samples):
             s = min(samples, num_samples - s0)
             t = log_weight_terms(model, guide, xb, s)
-            log_w = t["log_lik"] + t["log_prior"] - t["log_q"]
+            dtype = t["log_lik"].dtype
+            resolution = max(torch.finfo(t[k].dtype).eps for k in ("log_lik", "log_prior", "log_q"))
+            # log w in float64: each term carries its own dtype's rounding, but the difference log p − log q
+            # of two nearly equal float32 numbers would lose the rest (for the exact guide it is all there is)
+            ll, lp, lq = (t[k].double() for k in ("log_lik", "log_prior", "log_q"))
+            log_w = ll + lp - lq
             lse.append(torch.logsumexp(log_w, 0))
             sums["elbo"] = sums["elbo"] + log_w.sum(0)
-            sums["reconstruction"] = sums["reconstruction"] + t["log_lik"].sum(0)
-            sums["kl"] = sums["kl"] + (t["log_q"] - t["log_prior"]).sum(0)
+            sums["reconstruction"] = sums["reconstruction"] + ll.sum(0)
+            sums["kl"] = sums["kl"] + (lq - lp).sum(0)
             sums["z_mean"] = sums["z_mean"] + t["z"].sum(0)
-            acc.add(log_w, t["z"])
-            del t, log_w
-        result["iwae"].append(torch.logsumexp(torch.stack(lse), 0) - math.log(num_samples))
+            acc.add(log_w, t["z"], magnitude=ll.abs() + lp.abs() + lq.abs(), resolution=resolution)
+            del t, log_w, ll, lp, lq
+        # the bounds in the terms' dtype, as before: only their accumulation ran in float64
+        result["iwae"].append((torch.logsumexp(torch.stack(lse), 0) - math.log(num_samples)).to(dtype))
         for k, v in sums.items():
-            result[k].append(v / num_samples)
+            result[k].append(v / num_samples if k == "z_mean" else (v / num_samples).to(dtype))
         k_hat, z_psis = acc.finish()
         result["pareto_k"].append(k_hat.to(x.device))
         result["z_mean_psis"].append(z_psis.to(device=x.device, dtype=result["z_mean"][-1].dtype))
@@ -400,6 +446,11 @@ def evaluate(
     """
     config = config or EvalConfig()
     config = dataclasses.replace(config, **overrides) if overrides else config
+    from pyro_lvm.guides import check_guide_belongs
+    from pyro_lvm.wrap import require_model
+
+    require_model(model, "model")
+    check_guide_belongs(model, guide)
     x = model.validate(x, name="evaluation data")
     was_training = model.training, getattr(guide, "training", False)
     model.eval()
@@ -456,29 +507,48 @@ def _plate_nesting(*traces: Any) -> int:
                 for f in site["cond_indep_stack"] if f.vectorized), default=0)
 
 
-def _log_density_per_draw(trace: Any, num_draws: int) -> torch.Tensor:
+def _log_density_per_draw(trace: Any, num_draws: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Σ of every site's log-density in ``trace`` per draw of :data:`GLOBAL_DRAWS_PLATE`, shape (S,), with the
     enumerated dims summed out (log-sum-exp) and every other plate multiplied out (summed in log space) — the
-    tensor-variable elimination ``TraceEnum_ELBO`` does, stopped at the draws' plate instead of summing it too."""
+    tensor-variable elimination ``TraceEnum_ELBO`` does, stopped at the draws' plate instead of summing it too.
+
+    Contracted in float64 (each site's log-density cast first), so the N per-point terms add up without the
+    float32 rounding of a long sum. Also returns, per draw, the size of what was summed — Σ over sites and plates
+    of |log-density|, its largest value over enumerated dims (S,) float64 — and the machine epsilon of the
+    coarsest dtype among the sites' log-densities: with them :func:`psis` knows the rounding the sum carries."""
     trace.compute_log_prob()  # scale and mask applied
     trace.pack_tensors()
     draws = trace.plate_to_symbol[GLOBAL_DRAWS_PLATE]
+    sum_dims = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
     tree: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
+    magnitude = torch.zeros((), dtype=torch.float64)
+    resolution = 0.0
     for site in trace.nodes.values():
         if site["type"] == "sample" and not isinstance(site["fn"], _Subsample):
             ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
-            tree.setdefault(ordinal, []).append(site["packed"]["log_prob"])
-    sum_dims = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
+            packed = site["packed"]["log_prob"]
+            resolution = max(resolution, torch.finfo(packed.dtype).eps)
+            term = packed.double()
+            term._pyro_dims = packed._pyro_dims
+            tree.setdefault(ordinal, []).append(term)
+            size = term.detach().abs()
+            enum = [i for i, d in enumerate(term._pyro_dims) if d in sum_dims]
+            kept = [d for d in term._pyro_dims if d not in sum_dims]
+            size = size.amax(enum) if enum else size
+            other = [i for i, d in enumerate(kept) if d != draws]
+            magnitude = magnitude + (size.sum(other) if other else size).cpu()
     # packing drops size-1 dims, so with one draw no term carries the draws' dim
     has_draws = any(draws in t._pyro_dims for terms in tree.values() for t in terms)
     out = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset({draws} if has_draws else ()))
-    return out.reshape(-1).expand(num_draws)
+    return out.reshape(-1).expand(num_draws), magnitude.reshape(-1).expand(num_draws), resolution
 
 
 @torch.no_grad()
 def global_log_weights(model: Any, guide: Any, x: torch.Tensor, num_samples: int,
                        max_rows: int = GLOBAL_MAX_ROWS) -> torch.Tensor:
-    r"""log w_s = log p(θ_s) + Σ_n log p(x_n | θ_s) − log q(θ_s) for S = ``num_samples`` draws θ_s ~ q(θ), shape (S,).
+    r"""log w_s = log p(θ_s) + Σ_n log p(x_n | θ_s) − log q(θ_s) for S = ``num_samples`` draws θ_s ~ q(θ), shape (S,),
+    in float64 (summed from the model's and guide's log-densities cast to float64, so log p − log q keeps what
+    the terms hold).
 
     q(θ) is ``guide.globals`` (a :class:`~pyro_lvm.guides.GlobalGuide`) or ``guide`` itself (an autoguide over
     the model's globals). Generic over models, by Pyro traces: the draws sit in a plate left of every model plate;
@@ -489,6 +559,12 @@ def global_log_weights(model: Any, guide: Any, x: torch.Tensor, num_samples: int
     Run it with the model's and guide's parameters local (:func:`pyro_lvm.runtime.local_params`); draws come from
     the caller's RNG, in chunks of at most ``max_rows`` draws × points.
     """
+    return _global_log_weights(model, guide, x, num_samples, max_rows)[0]
+
+
+def _global_log_weights(model: Any, guide: Any, x: torch.Tensor, num_samples: int,
+                        max_rows: int = GLOBAL_MAX_ROWS) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`global_log_weights`, with the Σ |log-density| behind each weight (S,) and the terms' epsilon."""
     q = getattr(guide, "globals", guide)
     state = torch.get_rng_state()  # a probe trace learns the plate nesting without using up random numbers
     try:
@@ -499,15 +575,19 @@ def global_log_weights(model: Any, guide: Any, x: torch.Tensor, num_samples: int
     nesting = _plate_nesting(probe_q, probe_p)
     enumerable = config_enumerate(model, "parallel")
     step = max(1, max_rows // max(1, x.shape[0]))
-    parts = []
+    parts, sizes, resolution = [], [], 0.0
     for s0 in range(0, num_samples, step):
         s = min(step, num_samples - s0)
         with pyro.plate(GLOBAL_DRAWS_PLATE, s, dim=-(nesting + 1)):
             guide_tr = poutine.trace(q).get_trace(x)
             replayed = poutine.enum(poutine.replay(enumerable, trace=guide_tr), first_available_dim=-(nesting + 2))
             model_tr = poutine.trace(replayed).get_trace(x)
-        parts.append(_log_density_per_draw(model_tr, s) - _log_density_per_draw(guide_tr, s))
-    return torch.cat(parts)
+        log_p, size_p, eps_p = _log_density_per_draw(model_tr, s)
+        log_q, size_q, eps_q = _log_density_per_draw(guide_tr, s)
+        parts.append(log_p - log_q)
+        sizes.append(size_p + size_q.to(size_p.device))
+        resolution = max(resolution, eps_p, eps_q)
+    return torch.cat(parts), torch.cat(sizes), resolution
 
 
 def global_pareto_k(model: Any, guide: Any, x: object, *, num_samples: int = 1000,
@@ -547,11 +627,12 @@ def global_pareto_k(model: Any, guide: Any, x: object, *, num_samples: int = 100
         m.eval()
     try:
         with local_params(model, guide), seeded(seed), torch.no_grad():
-            log_w = global_log_weights(model, guide, x, num_samples).double()
+            log_w, size, resolution = _global_log_weights(model, guide, x, num_samples)
     finally:
         for m, mode in zip(modules, was_training, strict=True):
             m.train(mode)
-    smoothed, k_hat = psis(log_w.unsqueeze(-1))
+    log_w = log_w.double()
+    smoothed, k_hat = psis(log_w.unsqueeze(-1), magnitude=size.max().reshape(1), resolution=resolution)
     w = torch.softmax(smoothed[:, 0], 0)
     out.update(pareto_k_theta=k_hat.item(), ess_theta=(1.0 / (w * w).sum()).item(), elbo_theta=log_w.mean().item(),
                iwae_theta=(torch.logsumexp(log_w, 0) - math.log(num_samples)).item())

@@ -86,7 +86,11 @@ def local_latent_draws(model: LatentModel, guide: Any, x: torch.Tensor, num_samp
             log_p[s0:s0 + s, p0:p1] = _np(t["log_lik"] + t["log_prior"])
             log_q[s0:s0 + s, p0:p1] = _np(t["log_q"])
             x_rep[s0:s0 + s, p0:p1] = _np(_replicate(model_tr, (s, xb.shape[0], d)))
-    return Draws({model.local_site: z}, {model.local_site: ["point", "latent"]}, x_rep, log_lik, log_p, log_q,
+    if hasattr(model, "unpack_draws"):  # a wrapped function: each local site under its name, in its support
+        posterior, dims = model.unpack_draws(z)
+    else:
+        posterior, dims = {model.local_site: z}, {model.local_site: ["point", "latent"]}
+    return Draws(posterior, dims, x_rep, log_lik, log_p, log_q,
                  note="z ~ q(z|x); x_rep ~ p(x|z) at each draw of z; log_likelihood = log p(x|z)")
 
 
@@ -193,7 +197,8 @@ def to_inference_data(
     Coordinates: ``point`` (the indices into ``data``), ``latent`` (0..k−1), ``feature`` (``feature_names``,
     else a DataFrame's column names, else 0..D−1), ``component`` (0..K−1, by decreasing weight). Attributes
     of every group: ``model`` (registered name), ``guide`` (``guide.spec``), ``num_samples``, ``seed`` (when
-    given), ``draws`` (one line on how they were made) and the versions of pyro_lvm, Pyro, torch and ArviZ.
+    given), ``draws`` (one line on how they were made) and the versions of pyro_lvm, Pyro, torch and ArviZ; no
+    ``created_at`` (ArviZ's wall-clock stamp is removed, so one seed gives the same InferenceData and ``.nc`` bytes).
     """
     import arviz as az
 
@@ -231,9 +236,11 @@ def to_inference_data(
     def group(values: dict[str, np.ndarray], dims: dict[str, list[str]], sampled: bool = True) -> Any:
         values = {k: v[None] for k, v in values.items()} if sampled else values  # one chain
         used = {dim for v in dims.values() for dim in v}
-        return az.dict_to_dataset(values, attrs=attrs, library=pyro, dims=dims,
-                                  coords={k: v for k, v in coords.items() if k in used},
-                                  default_dims=None if sampled else [])
+        ds = az.dict_to_dataset(values, attrs=attrs, library=pyro, dims=dims,
+                                coords={k: v for k, v in coords.items() if k in used},
+                                default_dims=None if sampled else [])
+        ds.attrs.pop("created_at", None)  # ArviZ's wall-clock stamp: without it, one seed writes the same .nc bytes
+        return ds
 
     sample_stats = group({"log_p": draws.log_p, "log_q": draws.log_q}, {"log_p": ["point"], "log_q": ["point"]})
     sample_stats["pareto_k"] = ("point", pareto_k.numpy())
@@ -279,7 +286,8 @@ def psis_means(draws: Draws, smoothed: torch.Tensor,
 
 def _replicate(model_tr: Any, shape: tuple[int, int, int]) -> torch.Tensor:
     """One draw from the model's observed site's distribution p(x | z) in a trace, shape (S, N, D)."""
-    observed = [site for site in model_tr.nodes.values() if site["type"] == "sample" and site["is_observed"]]
+    observed = [site for site in model_tr.nodes.values() if site["type"] == "sample" and site["is_observed"]
+                and not site["infer"].get("pyro_lvm_local", False)]  # a wrapped function's latents: not data
     if len(observed) != 1:
         raise ValueError(f"to_inference_data: expected one observed site, found {[s['name'] for s in observed]}")
     return observed[0]["fn"].sample().expand(shape)

@@ -362,8 +362,9 @@ class DivergenceGuard(Callback):
             raise TrainingError(f"loss became {value} at {where(trainer)}{kept(trainer)}")
         if self.best < math.inf and value > self.best + self.EXPLOSION * max(abs(self.best), 1.0):
             raise TrainingError(f"loss diverged at {where(trainer)}: {value:.4g} nats per point against a best of "
-                                f"{self.best:.4g} (a rise over {self.EXPLOSION:.0f}x its size); lower --lr or raise "
-                                f"--warmup-epochs{kept(trainer)}")
+                                f"{self.best:.4g} (a rise over {self.EXPLOSION:.0f}x its size); lower --lr / lr "
+                                f"(the learning rate) or raise --warmup-epochs / warmup_epochs (the KL warm-up)"
+                                f"{kept(trainer)}")
         self.best = min(self.best, value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
@@ -371,10 +372,12 @@ class DivergenceGuard(Callback):
         if bad:
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) by the end of epoch "
                                 f"{trainer.current_epoch + 1}{kept(trainer)}")
-        huge = [name for name, p in plan.named_parameters() if p.detach().abs().max() > self.MAX_PARAMETER]
+        huge = [name for name, p in plan.named_parameters()
+                if p.numel() and p.detach().abs().max() > self.MAX_PARAMETER]  # an empty head (k = 1) has no max
         if huge:
             raise TrainingError(f"parameters diverged ({', '.join(huge[:3])} beyond ±{self.MAX_PARAMETER:.0e}) by "
-                                f"the end of epoch {trainer.current_epoch + 1}; lower --lr{kept(trainer)}")
+                                f"the end of epoch {trainer.current_epoch + 1}; lower --lr / lr (the learning rate)"
+                                f"{kept(trainer)}")
 
     def on_train_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:  # a max_steps stop ends mid-epoch
         self.on_train_epoch_end(trainer, plan)
@@ -502,6 +505,95 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+
+# ---------------------------------------------------------------------------------------------- data parallelism
+class RendezvousError(TrainingError):
+    """The data-parallel processes did not all join within ``TrainConfig.ddp_timeout`` seconds."""
+
+
+#: seconds a process of a one-node data-parallel run waits silently for its peers (Lightning starts them itself)
+#: before it says what it waits for; a process of several nodes says it at once
+QUIET_WAIT_SECONDS = 5.0
+
+
+def data_parallel_strategy(name: str, world: int, timeout: float) -> Any:
+    """The ``Trainer``'s strategy: ``name`` itself for one process; for several, the DDP strategy ``name`` stands for
+    (``auto``: the one Lightning would choose) as a :class:`WaitingDDP` whose rendezvous gives up after ``timeout``
+    seconds, says what it waits for, and can be interrupted."""
+    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _IS_INTERACTIVE
+
+    if world <= 1:
+        return name
+    if name == "auto":
+        name = "ddp_fork" if _IS_INTERACTIVE else "ddp"
+    if name not in StrategyRegistry or StrategyRegistry[name]["strategy"] is not pl.strategies.DDPStrategy:
+        return name
+    return WaitingDDP(rendezvous_timeout=timeout, **StrategyRegistry[name]["init_params"])
+
+
+class WaitingDDP(pl.strategies.DDPStrategy):
+    """Lightning's DDP, with a rendezvous (every process joining at ``MASTER_ADDR:MASTER_PORT``) that
+
+    * says once on stderr what it waits for (at once when the run spans nodes, else after
+      :data:`QUIET_WAIT_SECONDS`): a peer that never starts no longer means a silent hang;
+    * honours SIGINT and SIGTERM while it waits: the wait runs in a helper thread, so the main thread stays in Python
+      where signal handlers run (torch's TCPStore wait, in C++, would hold it until it times out);
+    * gives up after ``rendezvous_timeout`` seconds with a :class:`RendezvousError` (one line at the command line).
+
+    The timeout bounds the rendezvous only: once every process has joined, the process group's collectives get
+    torch's default timeout back."""
+
+    def __init__(self, *, rendezvous_timeout: float, **kwargs: Any) -> None:
+        import datetime
+
+        super().__init__(timeout=datetime.timedelta(seconds=rendezvous_timeout), **kwargs)
+        self.rendezvous_timeout = rendezvous_timeout
+
+    def setup_distributed(self) -> None:
+        import threading
+
+        self.set_world_ranks()
+        env = self.cluster_environment
+        assert env is not None
+        address = f"{env.main_address}:{env.main_port}"
+        failure: list[BaseException] = []
+
+        def rendezvous() -> None:
+            try:
+                if self.root_device.type == "cuda":  # the CUDA device is per thread: this one's as the main thread's
+                    torch.cuda.set_device(self.root_device)
+                super(WaitingDDP, self).setup_distributed()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                failure.append(e)
+
+        helper = threading.Thread(target=rendezvous, name="pyro_lvm-rendezvous", daemon=True)
+        helper.start()
+        helper.join(0.0 if self.num_nodes > 1 else QUIET_WAIT_SECONDS)
+        if helper.is_alive():
+            print(f"rank {self.global_rank} (node {self.node_rank} of {self.num_nodes}): waiting for all "
+                  f"{self.world_size} data-parallel processes ({self.num_processes} per node) to join at {address} "
+                  f"(MASTER_ADDR:MASTER_PORT); giving up after {self.rendezvous_timeout:g} s (ddp_timeout)",
+                  file=sys.stderr, flush=True)
+        while helper.is_alive():  # short joins: SIGINT and SIGTERM handlers run between them
+            helper.join(0.2)
+        if failure:
+            e = failure[0]
+            if isinstance(e, torch.distributed.DistError):
+                raise RendezvousError(
+                    f"the {self.world_size} data-parallel processes did not all join within "
+                    f"{self.rendezvous_timeout:g} s ({' '.join(str(e).split())[:200]}) ({address}, rank "
+                    f"{self.global_rank}, node {self.node_rank} of {self.num_nodes}); start the same command on every "
+                    f"node (NODE_RANK 0 to {self.num_nodes - 1}) with the same MASTER_ADDR and MASTER_PORT, reachable "
+                    "from every node, or raise ddp_timeout (--ddp-timeout)") from None
+            raise e
+        set_timeout = getattr(torch.distributed.distributed_c10d, "_set_pg_timeout", None)
+        if set_timeout is not None:  # collectives: torch's default, not the rendezvous's bound
+            from torch.distributed.constants import default_pg_timeout
+
+            set_timeout(default_pg_timeout, None)
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def where(trainer: pl.Trainer) -> str:
     plan = trainer.lightning_module
@@ -510,8 +602,9 @@ def where(trainer: pl.Trainer) -> str:
 
 
 def kept(trainer: pl.Trainer) -> str:
+    # a checkpoint in the fit's scratch directory (``scratch``: no output was asked for) is gone when the error arrives
     paths = [getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
-             for cb in trainer.checkpoint_callbacks]
+             for cb in trainer.checkpoint_callbacks if not getattr(cb, "scratch", False)]
     paths = [p for p in paths if p]
     return f"; last good checkpoint: {paths[-1]}" if paths else ""
 

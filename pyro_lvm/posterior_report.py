@@ -43,7 +43,7 @@ import torch
 import pyro_lvm.inspect as lvm_inspect
 from pyro_lvm.evaluate import PARETO_K_THRESHOLD, pareto_k_summary
 from pyro_lvm.inspect import to_inference_data
-from pyro_lvm.report import atomic_target, atomic_write
+from pyro_lvm.report import atomic_write
 from pyro_lvm.runtime import seeded
 
 #: inspected points whose local latents the summary, the posterior figure and the forest show
@@ -178,11 +178,39 @@ def _flat(v: np.ndarray, n: int) -> list[float]:
 
 
 def write_netcdf(idata: Any, path: str | Path) -> Path:
-    """``idata.to_netcdf`` written atomically (:func:`pyro_lvm.report.atomic_target`: ArviZ's writer needs a path,
-    not an open file): a reader, a crash or ``kill -9`` sees the old file or the new one, never half of one."""
-    with atomic_target(path) as tmp:
-        idata.to_netcdf(tmp)
-    return Path(path)
+    """``idata.to_netcdf``, written atomically (:func:`pyro_lvm.report.atomic_write`): a reader, a crash or
+    ``kill -9`` sees the old file or the new one, never half of one. The netCDF is made in memory
+    (:func:`netcdf_bytes`) and only its bytes go to disk, by Python: HDF5 writing to a full disk can crash the
+    process (a segmentation fault), where a Python write raises an error that becomes one line
+    (:class:`pyro_lvm.report.WriteError`: disk full, nothing half-written left)."""
+    data = netcdf_bytes(idata)
+    return atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def netcdf_bytes(idata: Any) -> bytes:
+    """The bytes of ``idata.to_netcdf(path)`` (ArviZ's defaults: h5netcdf, compressed), made in memory: the run's
+    attributes at the root, each group as a netCDF group."""
+    import io
+
+    import xarray as xr
+    from arviz.data.inference_data import _compressible_dtype
+
+    buffer = io.BytesIO()
+    mode = "w"
+    attrs = dict(idata.attrs) if getattr(idata, "attrs", None) else {}
+    if attrs:
+        xr.Dataset(attrs=attrs).to_netcdf(buffer, mode=mode, engine="h5netcdf", group="/")
+        mode = "a"
+    for group in idata.groups():
+        data = getattr(idata, group)
+        encoding = {name: {"zlib": True} for name, v in data.variables.items() if _compressible_dtype(v.dtype)}
+        data.to_netcdf(buffer, mode=mode, group=group, engine="h5netcdf", encoding=encoding)
+        mode = "a"
+    if mode == "w":  # an empty InferenceData: an empty netCDF file, as ArviZ writes it
+        import h5netcdf
+
+        h5netcdf.File(buffer, mode="w").close()
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -344,9 +372,13 @@ def plot_ppc(idata: Any, path: str | Path, title: str = "") -> Path:
         fig, axes = _figure(math.ceil(n / ncols), ncols, 3.8, 3.0)
         for ax in axes.ravel()[n:]:
             ax.set_axis_off()
-        az.plot_ppc(stats, ax=axes.ravel()[:n], kind="kde", textsize=9, show=False, legend=True)
+        # counts: a KDE of a replicate that is constant has no density (ArviZ fails on it); compare ECDFs instead
+        discrete = bool(np.all(np.mod(idata.posterior_predictive["x"].values, 1) == 0))
+        az.plot_ppc(stats, ax=axes.ravel()[:n], kind="cumulative" if discrete else "kde", textsize=9, show=False,
+                    legend=True)
         for ax in axes.ravel()[1:n]:  # one legend says it all
-            ax.get_legend().remove()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
         fig.suptitle(_title(title, f"posterior predictive check, {idata.observed_data.sizes['point']} test points"),
                      fontsize=10)
         return _save(fig, path)
@@ -383,8 +415,12 @@ def read_posterior(path: str | Path, focus_only: bool = True) -> Any:
     run's forest holds a few numbers per guide, not every draw)."""
     import xarray as xr
 
-    with xr.open_dataset(path, group="posterior", engine="h5netcdf") as ds:
-        return (focus_of(ds).select(ds) if focus_only else ds).load()
+    try:
+        with xr.open_dataset(path, group="posterior", engine="h5netcdf") as ds:
+            return (focus_of(ds).select(ds) if focus_only else ds).load()
+    except (OSError, ValueError, KeyError) as e:  # truncated, not netCDF, no posterior group: one line
+        raise ValueError(f"{path}: not a readable InferenceData file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}); delete it and run the same command again") from None
 
 
 # ---------------------------------------------------------------------------------------------- one guide
@@ -421,5 +457,6 @@ def inspect_fit(model: Any, guide: Any, data: Any, output: str | Path, tag: str,
             "figures": [f.name for f in figures], "seconds": time.perf_counter() - start}
 
 
-__all__ = ["Focus", "focus_of", "inspect_fit", "inspection_points", "plot_forest", "plot_pair", "plot_posterior",
-           "plot_ppc", "ppc_statistics", "psis_mean_report", "read_posterior", "summary", "write_netcdf"]
+__all__ = ["Focus", "focus_of", "inspect_fit", "inspection_points", "netcdf_bytes", "plot_forest", "plot_pair",
+           "plot_posterior", "plot_ppc", "ppc_statistics", "psis_mean_report", "read_posterior", "summary",
+           "write_netcdf"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import numbers
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -112,6 +115,51 @@ def current_umask() -> int:
     return umask
 
 
+#: errors of a write that failed for want of room (disk full, quota, file size limit) or of the disk itself
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large for this file system or limit", errno.EIO: "input/output error"}
+
+
+class WriteError(OSError, ValueError):
+    """A file could not be written: the disk is full (or a quota or size limit is reached, or the disk failed).
+    Nothing half-written is left: the temporary file is removed and any earlier file stays as it was. An ``OSError``
+    (its ``errno`` kept), and a ``ValueError`` so that the command line reports it as one ``error:`` line, exit 2."""
+
+    def __init__(self, path: Path, errno_: int | None, what: str) -> None:
+        super().__init__(what)
+        self.errno, self.path = errno_, path
+        try:
+            free = f", {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = ""
+        self.message = (f"could not write {path.name}: {what} ({path}{free}); free disk space, or write to another "
+                        "disk (--output), then run the same command again")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _write_failure(e: BaseException) -> tuple[int | None, str] | None:
+    """(errno, what) when ``e`` is a failed write: an ``OSError`` with a disk-full errno, or a library's wrapper of
+    one (torch's ``RuntimeError: [enforce fail at inline_container.cc] ... file write failed`` / ``unexpected pos``,
+    which chains the ``OSError`` of the Python file it wrote to; h5py's ``file write failed ... errno = 28``)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _WRITE_ERRNOS:
+            return x.errno, _WRITE_ERRNOS[x.errno]
+        m = re.search(r"errno = (\d+)", str(x))
+        if m and int(m.group(1)) in _WRITE_ERRNOS:
+            return int(m.group(1)), _WRITE_ERRNOS[int(m.group(1))]
+        x = x.__cause__ or x.__context__
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("file write failed" in text or
+                                        ("enforce fail" in text and "unexpected pos" in text)):
+        return None, "the write failed part way (" + " ".join(text.split())[:160] + ")"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_target(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (``.<name>.*.tmp``) to write to; on leaving the block it is fsynced, given
@@ -120,7 +168,13 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     a path rather than an open file (ArviZ's ``to_netcdf``, matplotlib's ``savefig``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # no room even for an empty file (inodes, quota)
+        failed = _write_failure(e)
+        if failed is None:
+            raise
+        raise WriteError(path, *failed) from e
     os.close(fd)
     try:
         yield Path(tmp)
@@ -128,9 +182,12 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        failed = None if isinstance(e, WriteError) else _write_failure(e)
+        if failed is None:
+            raise
+        raise WriteError(path, *failed) from e
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:

@@ -55,8 +55,12 @@ def threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
+    from pyro_lvm.config import MAX_THREADS
+
     if int(n) < 1:
         raise ValueError(f"threads: must be >= 1, got {n}")
+    if int(n) > MAX_THREADS:  # torch would try to start them all: 100,000 crashed the process
+        raise ValueError(f"threads: must be at most {MAX_THREADS}, got {n}")
     previous = torch.get_num_threads()
     torch.set_num_threads(int(n))
     try:

@@ -12,12 +12,14 @@ so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import pickle
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from pyro import poutine
+from torch.torch_version import TorchVersion
 
 from pyro_lvm.config import from_dict, to_dict
 from pyro_lvm.models.base import LatentModel
@@ -71,7 +73,7 @@ def save(path: str | Path, model: LatentModel, guide: Any, *, data: Any = None,
                   "state": _cpu(model.state_dict())},
         "guide": {"spec": guide.spec, "config": to_dict(guide.guide_config),
                   "state": _cpu(guide.state_dict())},
-        "versions": {"pyro_lvm": library_version(), "torch": torch.__version__},
+        "versions": {"pyro_lvm": library_version(), "torch": str(torch.__version__)},  # a str: TorchVersion is code
         "data": provenance,
         "meta": meta or {},
     }
@@ -93,13 +95,28 @@ def materialize(model: LatentModel, guide: Any) -> None:
         torch.set_rng_state(state)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` of a checkpoint on the CPU; an unreadable file is one ``ValueError`` line naming it."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path: str | Path, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint (``fitted.pt`` or Lightning's ``.ckpt``) as data, never code.
+
+    ``torch.load(weights_only=True)``: only tensors and plain containers and scalars are unpickled, so a file
+    crafted to run code on load (an object whose ``__reduce__`` calls ``os.system``) is refused, naming the
+    file, before anything in it runs. Any unreadable file (truncated, not a torch file, not a dict) is one
+    ``ValueError`` line naming it."""
+    try:  # TorchVersion (a str subclass, no code) is allowed so files written before 0.1.1 still load
+        with torch.serialization.safe_globals([TorchVersion]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        globals_ = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if globals_:  # weights_only refused to import a name: the file wants to build objects, i.e. run code
+            raise ValueError(f"{path}: refused, the file holds objects that would run code when loaded "
+                             f"({globals_[0][:160]}); pyro_lvm files hold tensors and plain data only: load "
+                             "files only from a source you trust, or refit") from None
+        raise ValueError(f"{path}: not a readable pyro_lvm file (not a torch checkpoint); delete it or point at "
+                         "the --output of a finished run") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file, ...: one line
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())}); "
-                         "delete it or point at the --output of a finished run") from None
+        raise ValueError(f"{path}: not a readable pyro_lvm file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}); delete it or point at the --output of a finished "
+                         "run") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a pyro_lvm checkpoint (it holds a {type(ckpt).__name__})")
     return ckpt
@@ -160,37 +177,72 @@ def fit_differences(fitted: Fitted, model: LatentModel, guide: Any) -> list[str]
     return out
 
 
+def _entry(path: Path, ckpt: dict[str, Any], *keys: str, kind: type | tuple[type, ...] = dict) -> Any:
+    """``ckpt[k0][k1]...`` checked for type; a missing or mistyped entry is one ``ValueError`` naming it."""
+    value: Any = ckpt
+    for i, k in enumerate(keys):
+        if not isinstance(value, dict) or k not in value:
+            raise ValueError(f"{path}: a damaged pyro_lvm file, it has no entry {'.'.join(keys[:i + 1])!r}; "
+                             "save the fit again")
+        value = value[k]
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: a damaged pyro_lvm file, entry {'.'.join(keys)!r} is a {type(value).__name__}; "
+                         "save the fit again")
+    return value
+
+
+def _rebuild(path: Path, ckpt: dict[str, Any]) -> tuple[LatentModel, Any]:
+    """The model and guide of a fitted-model file, rebuilt from their registered names and stored configs."""
+    from pyro_lvm.guides import build_guide
+    from pyro_lvm.guides.config import GuideConfig
+
+    name = _entry(path, ckpt, "model", "name", kind=str)
+    if name not in MODELS:
+        raise ValueError(f"{path}: model {name!r} is not registered in this process (known: "
+                         f"{', '.join(MODELS)}); import the module that defines and registers it, then load")
+    cls = MODELS[name]
+    spec = _entry(path, ckpt, "guide", "spec", kind=str)
+    model_cfg, guide_cfg = _entry(path, ckpt, "model", "config"), _entry(path, ckpt, "guide", "config")
+    _entry(path, ckpt, "model", "state"), _entry(path, ckpt, "guide", "state")
+    try:
+        with torch.random.fork_rng(devices=[]):  # the throw-away initial values must not use up the caller's RNG
+            model = cls(from_dict(cls.Config, model_cfg))
+            guide = build_guide(spec, model, from_dict(GuideConfig, guide_cfg))
+    except ValueError as e:
+        if str(e).startswith("model: cannot import"):  # a user's model function: say what to import
+            raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{path}: its stored configuration does not rebuild a model and guide "
+                         f"({' '.join(str(e).split())[:200]}); save the fit again") from None
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{path}: its stored configuration does not rebuild a model and guide "
+                         f"({' '.join(str(e).split())[:200]}); save the fit again") from None
+    return model, guide
+
+
 def load(path: str | Path, *, device: str | torch.device | None = "cpu") -> Fitted:
     """Rebuild the model and guide saved by :func:`save` on ``device`` (``None``: cpu); any device can load a
     file written on any other. Raises ``FileNotFoundError`` or ``ValueError`` with what is wrong."""
-    from pyro_lvm.guides import build_guide
-    from pyro_lvm.guides.config import GuideConfig
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved fit at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
-        raise ValueError(f"{path}: not a readable pyro_lvm file ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pyro_lvm fitted-model file (expected format {FORMAT!r})")
-    cls = MODELS[ckpt["model"]["name"]]
-    with torch.random.fork_rng(devices=[]):  # the throw-away initial values must not use up the caller's RNG
-        model = cls(from_dict(cls.Config, ckpt["model"]["config"]))
-        guide = build_guide(ckpt["guide"]["spec"], model, from_dict(GuideConfig, ckpt["guide"]["config"]))
+    model, guide = _rebuild(path, ckpt)
     target = resolve_device(device) or torch.device("cpu")
     dtype = next((v.dtype for v in ckpt["model"]["state"].values()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     if dtype is not None:
         model.to(dtype)
         guide.to(dtype)
-    model.load_state_dict(ckpt["model"]["state"])
-    materialize(model, guide)
     try:
+        model.load_state_dict(ckpt["model"]["state"])
+        materialize(model, guide)
         guide.load_state_dict(ckpt["guide"]["state"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: the stored guide does not fit the rebuilt one ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: the stored parameters do not fit the rebuilt model and guide "
+                         f"({str(e).splitlines()[0]})") from None
     model.to(target)
     guide.to(target)
     meta = {k: ckpt.get(k) for k in ("versions", "data", "meta")}

@@ -36,6 +36,7 @@ from pyro_lvm.runtime import threads as runtime_threads
 
 from .evaluate import EvalConfig
 from .objectives import OBJECTIVES, objective_problem, parse_objective
+from .saving import read_checkpoint
 
 __all__ = ["ELBOS", "OPTIMIZERS", "AnnealLatents", "FitResult", "TrainConfig", "TrainingError", "check_elbo", "fit",
            "load_checkpoint", "resolve_elbo"]
@@ -152,6 +153,9 @@ class TrainConfig:
     num_nodes: int = 1
     #: Lightning strategy: auto, ddp, ddp_find_unused_parameters_true or ddp_notebook
     strategy: str = "auto"
+    #: seconds each data-parallel process waits for all the others to join at the start (a node that never starts)
+    #: before it stops with an error
+    ddp_timeout: float = 300.0
     #: Lightning precision, e.g. 32-true, 64-true, bf16-mixed (``None``: the model's dtype, no casting)
     precision: str | None = None
     #: worker processes that load training minibatches (0: in the training process)
@@ -170,7 +174,8 @@ class TrainConfig:
         check_config(self, positive_int=("epochs", "batch_size", "num_particles", "patience", "val_samples",
                                          "eval_every", "checkpoint_every", "max_steps", "threads", "devices",
                                          "num_nodes"),
-                     nonneg_int=("warmup_epochs", "workers"), positive=("lr", "clip_norm", "lr_final_factor"),
+                     nonneg_int=("warmup_epochs", "workers"),
+                     positive=("lr", "clip_norm", "lr_final_factor", "ddp_timeout"),
                      nonneg=("checkpoint_seconds",))
         if self.lr_final_factor > 1:
             raise ConfigError("lr_final_factor", f"must be in (0, 1] (the rate decays), got {self.lr_final_factor}")
@@ -189,8 +194,18 @@ class TrainConfig:
         if self.elbo == "jit" and self.devices * self.num_nodes > 1:
             raise ConfigError("elbo", "'jit' reads parameters from Pyro's global parameter store and cannot train "
                               "data-parallel; use 'trace' (the same estimator) with --devices > 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError("seed", f"must be an integer or None, got {self.seed!r}")
+        if self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs:
+            # every epoch would train the tempered objective (β < 1): no best state, and numbers that are not the ELBO
+            raise ConfigError("warmup_epochs", f"{self.warmup_epochs} epochs of KL warm-up leave none of the "
+                              f"{self.epochs} epochs to train the ELBO itself; raise --epochs (epochs) above "
+                              f"{self.warmup_epochs} or lower --warmup-epochs (warmup_epochs) below {self.epochs}")
+
+
+def default_warmup(warmup_epochs: int, epochs: int) -> int:
+    """A default KL warm-up fitted to ``epochs``: unchanged when shorter than them, else half of them (rounded down),
+    so that at least half of the epochs train the ELBO itself. (A warm-up the user chose is never shortened:
+    :class:`TrainConfig` refuses one of ``epochs`` or more.)"""
+    return warmup_epochs if warmup_epochs < epochs else max(0, min(warmup_epochs, epochs // 2))
 
 
 @dataclass
@@ -242,7 +257,7 @@ def load_checkpoint(path: str | Path, model: LatentModel, guide: torch.nn.Module
     a freshly built guide too (a Pyro autoguide's lazily built parameters are made first)."""
     from .saving import materialize
 
-    ckpt = torch.load(path, weights_only=False, map_location=module_device(model))
+    ckpt = read_checkpoint(path, map_location=module_device(model))
     state = ckpt["state_dict"]
     if isinstance(guide, torch.nn.Module) and any(k.startswith("guide.") for k in state) and \
             not dict(guide.named_parameters()):
@@ -277,6 +292,7 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         NoProfiler,
         PeakMemory,
         SVIPlan,
+        data_parallel_strategy,
         fingerprint,
     )
 
@@ -329,6 +345,7 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     if config.restore_best and ckpt_dir is not None:
         best = BestCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max", save_top_k=1,
                               auto_insert_metric_name=False, enable_version_counter=False)
+        best.scratch = scratch is not None  # deleted when fit returns: errors must not point at it
         callbacks.append(best)
     if out_dir is not None:
         last = LastCheckpoint(out_dir, every_n_epochs=config.checkpoint_every, min_seconds=config.checkpoint_seconds)
@@ -341,7 +358,8 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(data.sampler) // 50)))
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
+        accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
+        strategy=data_parallel_strategy(config.strategy, config.devices * config.num_nodes, config.ddp_timeout),
         precision=config.precision, max_epochs=epochs, max_steps=config.max_steps or -1,
         check_val_every_n_epoch=config.eval_every, num_sanity_val_steps=0,
         limit_val_batches=None if valid is not None else 0,
@@ -364,6 +382,8 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         resume = str(out_dir / "last.ckpt") if out_dir is not None and (out_dir / "last.ckpt").is_file() else None
     elif resume is not None and not Path(resume).is_file():
         raise ConfigError("resume", f"no checkpoint at {resume}; give a last.ckpt written by an earlier fit")
+    if resume is not None:
+        read_checkpoint(resume)  # refused here, in one line naming it, if it is unreadable or would run code
     try:
         return _run_trainer(trainer, plan, data, resume, best, valid, elbo_name, scratch is not None)
     finally:
@@ -379,7 +399,7 @@ def _run_trainer(trainer: Any, plan: Any, data: Any, resume: str | None, best: A
 
     previous_sigint = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(plan, datamodule=data, ckpt_path=resume)
+        trainer.fit(plan, datamodule=data, ckpt_path=resume, weights_only=True)  # data, never code
     except SystemExit:
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1); the caller gets the KeyboardInterrupt back
             signal.signal(signal.SIGINT, previous_sigint)
@@ -399,7 +419,7 @@ def _run_trainer(trainer: Any, plan: Any, data: Any, resume: str | None, best: A
                        step_seconds=plan.step_seconds, rank=trainer.global_rank,
                        train_seconds=plan.history[-1]["seconds"] if plan.history else 0.0)
     if best is not None and best.best_model_path:
-        ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(best.best_model_path)
         result.best_epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]
         result.best_valid_elbo = float(best.best_model_score) if valid is not None else None
         result.best_checkpoint = None if scratch else best.best_model_path
@@ -447,10 +467,15 @@ def fit(
     so the caller's own parameters are untouched.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
+    from pyro_lvm.guides import check_guide_belongs
+    from pyro_lvm.wrap import require_model
+
+    require_model(model, "model")
     elbo_name = resolve_elbo(model, config.elbo)
     problem = objective_problem(model.traits, config.objective, config.elbo, config.num_particles)
     if problem is not None:
         raise ConfigError("objective", problem)
+    check_guide_belongs(model, guide)
     train = model.validate_training(train, name="training data")
     valid = None if valid is None else model.validate(valid, name="validation data")
     with runtime_threads(config.threads), seeded(config.seed), _lightning_scope():
@@ -467,7 +492,7 @@ def _rolled_back(error: TrainingError, plan: Any, best: Any) -> TrainingError:
     """After a divergence, model and guide in memory go back to the best state so far, where there is one."""
     if best is None or not best.best_model_path:
         return error
-    ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(best.best_model_path)
     plan.load_state_dict(ckpt["state_dict"])
     epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]
     return TrainingError(f"{error}; model and guide rolled back to the best state (epoch {epoch})")

@@ -211,3 +211,20 @@ def test_a_csv_of_a_builtin_set_gives_the_same_held_out_numbers(tmp_path: Path) 
     row = a["results"][1]
     assert row["config"]["seed"] == 0 and row["config"]["train"]["epochs"] == 20
     assert Path(row["config"]["fitted"]).is_file()  # each guide's fit, loadable with pyro_lvm.load
+
+
+def test_a_guide_belongs_to_its_model() -> None:
+    """``fit``/``evaluate`` refuse a guide built for another model (an exact guide reads its own model's
+    parameters: with another model it would train and leave a gap while called exact) or of another dtype."""
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    a, b = (build_model("factor_analysis", data_dim=4, latent_dim=2) for _ in range(2))
+    guide = build_guide("exact", a)
+    with pytest.raises(ValueError, match="^guide: 'exact' was built for another model"):
+        fit(b, guide, x, epochs=1, seed=0)
+    with pytest.raises(ValueError, match="^guide: 'exact' was built for another model"):
+        evaluate(b, guide, x, iwae_k=2, seed=0)
+    other = build_guide("amortized", a)
+    other.to(torch.float64)
+    with pytest.raises(ValueError, match=r"^guide: its parameters are torch.float64"):
+        fit(a, other, x, epochs=1, seed=0)
+    fit(a, build_guide("amortized", a), x, epochs=1, seed=0)  # its own guide trains

@@ -384,3 +384,171 @@ def test_built_in_sets_record_provenance(tiny_mnist: Path) -> None:
 
     p = load_dataset("synthetic", DataConfig(num_points=100)).provenance()
     assert not p["standardized"] and p["shape"] == [100, 10] and sum(p["splits"].values()) == 100
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 22: CSV shape, header, encoding and delimiter problems; values too large; too few columns
+
+
+def _table(rows: int = 12, cols: int = 4, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, cols)).round(3)
+
+
+def _csv_text(x: np.ndarray, header: str | None = None, sep: str = ",", end: str = "") -> str:
+    body = "".join(sep.join(str(float(v)) for v in row) + end + "\n" for row in x)
+    return (header + "\n" if header is not None else "") + body
+
+
+def _load_error(path: Path, **kwargs: object) -> str:
+    with pytest.raises(ValueError) as err:
+        load_file(path, DataConfig(), **kwargs)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(str(path.resolve())), msg
+    return msg
+
+
+@pytest.mark.parametrize("header, end, needles", [
+    ("a,b,c", "", ["header (line 1) has 3 names", "first data row (line 2) has 4 values", "row labels"]),
+    ("a,b,c,d", ",", ["has 4 names", "has 5 values", "trailing comma"]),
+    ("a,b,c,d,e", "", ["has 5 names", "has 4 values", "would be empty"]),
+])
+def test_csv_header_width_differing_from_the_rows_is_refused(tmp_path: Path, header: str, end: str,
+                                                             needles: list[str]) -> None:
+    path = _write(tmp_path, "x.csv", _csv_text(_table(), header, end=end))
+    msg = _load_error(path)
+    assert all(n in msg for n in needles), msg
+
+
+def test_csv_first_row_of_numbers_is_data_and_says_so(tmp_path: Path) -> None:
+    x = _table()
+    path = _write(tmp_path, "x.csv", _csv_text(x))
+    with pytest.warns(UserWarning, match="first row is all numbers, so it is read as data"):
+        ds = load_file(path, DataConfig(split=(0.5, 0.25, 0.25)), standardize=False)
+    assert sum(ds.sizes()[k] for k in SPLITS) == len(x) and ds.data_dim == 4
+    named = _write(tmp_path, "named.csv", _csv_text(x, "a,b,c,d"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a named header is not an assumption: no warning
+        load_file(named, DataConfig())
+
+
+def test_csv_header_of_column_numbers_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    pd.DataFrame(_table(20, 13)).to_csv(path, index=False)  # unnamed columns: header 0,1,...,12
+    msg = _load_error(path)
+    assert "first row is 0, 1, ..., 12" in msg and "names that are not numbers" in msg, msg
+
+
+def test_values_whose_square_overflows_float64_are_refused_when_standardizing(tmp_path: Path) -> None:
+    x = _table(30)
+    x[5, 2] = 1e308
+    path = tmp_path / "big.csv"
+    pd.DataFrame(x, columns=list("abcd")).to_csv(path, index=False)
+    msg = _load_error(path)
+    assert "1e+308 at row 5, column 2 ('c')" in msg and "square overflows float64" in msg, msg
+    with pytest.raises(ValueError, match=r"^array: 1e\+200 at row 5, column 2 .*square overflows float64"):
+        from_array(np.where(x > 1e300, 1e200, x))
+    # each square fits, their sum does not: refused by column rather than standardized to 0
+    spread = _table(200, 3)
+    spread[:, 1] = np.where(np.arange(200) % 2, 1.3e154, -1.3e154)
+    with pytest.raises(ValueError, match=r"^array: column 1 cannot be standardized: its variance overflows"):
+        from_array(spread)
+    kept = from_array(np.where(x > 1e300, 1e200, x), standardize=False, dtype=torch.float64)  # not standardized
+    assert bool(torch.isfinite(kept.train).all())
+
+
+def test_values_the_dtype_cannot_hold_are_refused() -> None:
+    x = _table(30)
+    with pytest.raises(ValueError, match=r"^array: .* at row 0, column \d \(counting from 0\) overflows torch.float32"):
+        from_array(x * 1e39, standardize=False)
+    test = x.copy()
+    test[4, 1] = 1e39
+    with pytest.raises(ValueError, match=r"^array \[test\]: 1e\+39 at row 4, column 1 .*overflows torch.float32"):
+        from_array(x, test=test, standardize=False)
+    assert bool(torch.isfinite(from_array(x * 1e39, standardize=False, dtype=torch.float64).train).all())
+    assert bool(torch.isfinite(from_array(x * 1e39).train).all())  # standardized values fit float32
+
+
+def test_model_validate_refuses_values_the_model_cannot_score() -> None:
+    import pyro_lvm
+    from pyro_lvm.models.factor_analysis import FactorAnalysis
+
+    model, x = FactorAnalysis.example()
+    guide = pyro_lvm.build_guide("exact", model)
+    for value, needle in ((1e300, "overflows torch.float32"), (1e20, "its square overflows")):
+        bad = x.double().clone()
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match=rf"^evaluation data: .* at row 1, column 2 .*{needle}"):
+            pyro_lvm.evaluate(model, guide, bad)
+        with pytest.raises(ValueError, match=rf"^training data: .*{needle}"):
+            model.validate_training(bad)
+
+
+ENCODINGS = {
+    "utf-16": (lambda text: text.encode("utf-16"), ["UTF-16-encoded", "byte-order mark", "re-save it as UTF-8"]),
+    "utf-16 without BOM": (lambda text: text.encode("utf-16-le"), ["UTF-16", "NUL bytes", "re-save it as UTF-8"]),
+    "latin-1": (lambda text: text.replace("a,", "é,", 1).encode("latin-1"),
+                ["not UTF-8", "byte 0xe9 on line 1", "latin-1", "re-save it as UTF-8"]),
+    "semicolons": (lambda text: text.replace(",", ";").encode(), ["semicolon-separated", "sep=';'"]),
+    "semicolons, decimal commas": (lambda text: text.replace(",", ";").replace(".", ",").encode(),
+                                   ["semicolon-separated", "sep=';', decimal=','"]),
+    "headerless decimal commas": (lambda text: text.split("\n", 1)[1].replace(",", ";").replace(".", ",").encode(),
+                                  ["semicolon-separated", "decimal=','"]),
+    "tabs": (lambda text: text.replace(",", "\t").encode(), ["tab-separated", "sep='\\t'"]),
+    "spaces": (lambda text: text.split("\n", 1)[1].replace(",", " ").encode(), ["whitespace-separated"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODINGS))
+def test_csv_encoding_and_delimiter_problems_name_the_fix(tmp_path: Path, case: str) -> None:
+    encode, needles = ENCODINGS[case]
+    path = _write(tmp_path, "x.csv", encode(_csv_text(_table(), "a,b,c,d")))
+    msg = _load_error(path)
+    assert all(n in msg for n in needles), msg
+
+
+def test_csv_text_column_holding_semicolons_is_not_taken_for_a_delimiter(tmp_path: Path) -> None:
+    frame = pd.DataFrame(_table(), columns=list("abcd")).assign(tags="x;y")
+    path = tmp_path / "x.csv"
+    frame.to_csv(path, index=False)
+    assert load_file(path, DataConfig(), columns=list("abcd")).data_dim == 4
+    assert "column 'tags' is not numeric" in _load_error(path)
+
+
+@pytest.mark.parametrize("content, kwargs, needle", [
+    ("a\n" + "".join(f"{i}.5\n" for i in range(12)), {}, "only 1 feature column ('a')"),
+    ("a,b\n" + "".join(f"{i}.5,{i}\n" for i in range(12)), {"columns": ["a"]}, "selected by columns"),
+    ("a,b\n" + "".join(f"{i}.5,1\n" for i in range(12)), {}, "once 1 constant column(s) of 2 are dropped"),
+])
+def test_fewer_than_two_feature_columns_are_refused_at_load_time(tmp_path: Path, content: str, kwargs: dict,
+                                                                 needle: str) -> None:
+    msg = _load_error(_write(tmp_path, "x.csv", content), **kwargs)
+    assert needle in msg and "at least 2" in msg, msg
+
+
+def _cli(tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", *args, "--output", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("experiment, content, needle", [
+    ("factor_analysis", "a\n" + "".join(f"{i}.5\n" for i in range(12)), "only 1 feature column"),
+    ("gaussian_mixture", "a\n" + "".join(f"{i}.5\n" for i in range(12)), "only 1 feature column"),
+    ("factor_analysis", "a;b;c\n" + "".join(f"{i}.5;{i};{i * i}\n" for i in range(12)), "semicolon-separated"),
+])
+def test_bad_csv_on_the_command_line_is_one_error_line_and_exit_2(tmp_path: Path, experiment: str, content: str,
+                                                                  needle: str) -> None:
+    _write(tmp_path, "data.csv", content)
+    status, out, err = _cli(tmp_path, experiment, "--data", "data.csv", "--epochs", "1")
+    shown = f"exit {status}\n--- stderr\n{err[-3000:]}\n--- stdout\n{out[-1000:]}"
+    assert status == 2 and "Traceback" not in out + err, shown
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], shown
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), shown

@@ -25,7 +25,7 @@ def _run(out: Path, *args: str) -> dict:
     proc = subprocess.run([sys.executable, str(WORKER), str(out), *args], env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def _closed_form_sgd(epochs: int, lr: float) -> dict[str, torch.Tensor]:

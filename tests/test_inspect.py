@@ -91,7 +91,11 @@ def test_every_pair_exports_to_arviz(tmp_path: Path, model_name: str, guide_name
     post = idata.posterior
     for name, array in post.data_vars.items():
         assert array.dims[:2] == ("chain", "draw") and array.shape[:2] == (1, s), name
-    if model.local_site is not None:
+    if hasattr(model, "sites"):  # a wrapped function: each local site under its own name, in its support
+        for name, site in model.sites.items():
+            assert post[name].shape == (1, s, p, *site.event_shape), name
+            assert bool(site.support.check(torch.as_tensor(post[name].values)).all()), name
+    elif model.local_site is not None:
         assert post[model.local_site].dims == ("chain", "draw", "point", "latent")
         assert post[model.local_site].shape == (1, s, p, model.latent_dim)
     if isinstance(model, GaussianMixture):  # its globals, components ordered by weight, and each point's assignment

@@ -10,6 +10,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import arviz as az
 import numpy as np
@@ -85,20 +86,56 @@ class _Failing(Exception):
 
 
 def test_write_netcdf_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer that dies half-way leaves the previous file whole under the final name and no temporary file."""
+    """A write that dies half-way leaves the previous file whole under the final name and no temporary file.
+    ``write_netcdf`` makes the .nc bytes in memory and hands them to ``pyro_lvm.report.atomic_write``, which opens
+    a temporary file with the builtin ``open``: that open, seen from ``pyro_lvm.report``, gives a file whose
+    ``write`` writes half the bytes (really, to the temporary file) and then raises."""
+    import builtins
+
+    from pyro_lvm import report
+
     idata = az.from_dict(posterior={"a": np.arange(20.0).reshape(1, 10, 2)})
     path = pr.write_netcdf(idata, tmp_path / "fit.nc")
     old = path.read_bytes()
+    bigger = az.from_dict(posterior={"a": np.arange(40.0).reshape(1, 20, 2)})
+    new = pr.netcdf_bytes(bigger)
+    assert new != old
+    written: list[tuple[str, int]] = []
 
-    def half_then_die(self: object, filename: str, **kwargs: object) -> None:
-        Path(filename).write_bytes(b"\x89HDF half a file")
-        raise _Failing
+    class HalfThenDie:
+        def __init__(self, file: Any) -> None:
+            self.file = file
 
-    monkeypatch.setattr(az.InferenceData, "to_netcdf", half_then_die)
+        def __enter__(self) -> HalfThenDie:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, data: bytes) -> int:
+            self.file.write(data[:len(data) // 2])
+            self.file.flush()
+            written.append((self.file.name, Path(self.file.name).stat().st_size))
+            raise _Failing
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = builtins.open(file, mode, *args, **kwargs)
+        return HalfThenDie(f) if "w" in mode else f
+
+    monkeypatch.setattr(report, "open", fake_open, raising=False)
     with pytest.raises(_Failing):
-        pr.write_netcdf(idata, path)
+        pr.write_netcdf(bigger, path)
+    # the half was written, to a temporary file beside the target, never to fit.nc itself
+    [(tmp, size)] = written
+    assert Path(tmp).parent == tmp_path and Path(tmp).name != "fit.nc" and size == len(new) // 2 > 0
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["fit.nc"]
     np.testing.assert_array_equal(az.from_netcdf(path).posterior["a"].values, idata.posterior["a"].values)
+
+    # with no earlier file, the failed write leaves nothing at all
+    written.clear()
+    with pytest.raises(_Failing):
+        pr.write_netcdf(idata, tmp_path / "fresh.nc")
+    assert len(written) == 1 and [p.name for p in tmp_path.iterdir()] == ["fit.nc"]
 
 
 def _posterior(**shapes: tuple[tuple[str, ...], tuple[int, ...]]) -> object:

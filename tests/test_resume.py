@@ -17,6 +17,9 @@ import torch
 from conftest import write_fake_mnist
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+#: the stop tests wait for an event (a file the run writes), however slow the machine; only a run that has not
+#: written it after this long is taken to hang, and the test fails saying so (no signal is sent before the event)
+HANG_GUARD_S = 900
 
 
 def _flags(data: Path, out: Path) -> list[str]:
@@ -39,8 +42,12 @@ def _start_and_stop(cmd: list[str], out: Path, sig: int, wait_for: Path) -> subp
     # (``pytest &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C would do nothing
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not wait_for.exists() and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not wait_for.exists() and proc.poll() is None:
+        if time.monotonic() > deadline:  # a hang, not a slow machine: never signal before the file exists
+            proc.kill()
+            stderr = proc.communicate()[1]
+            pytest.fail(f"{wait_for} did not appear within {HANG_GUARD_S} s; the run was killed: {stderr[-2000:]}")
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be stopped: " + proc.communicate()[1][-2000:]
     proc.send_signal(sig)
@@ -123,10 +130,18 @@ def test_sigterm_stops_a_run_between_guides_like_ctrl_c(tmp_path: Path, capsys: 
     from pyro_lvm.experiments import factor_analysis as fa_experiment
 
     out = tmp_path / "run"
+    stop_sender, timed_out = threading.Event(), threading.Event()
 
     def stop_after_first_guide() -> None:
-        deadline = time.monotonic() + 60
-        while not (out / "results.json").exists() and time.monotonic() < deadline:
+        # SIGTERM once results.json exists, however long that takes; should it never appear (a hang), the run is
+        # stopped all the same so that the test can end, but ``timed_out`` makes it fail saying so
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not (out / "results.json").exists():
+            if stop_sender.is_set():  # the run ended on its own: nothing to stop
+                return
+            if time.monotonic() > deadline:
+                timed_out.set()
+                break
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -134,11 +149,196 @@ def test_sigterm_stops_a_run_between_guides_like_ctrl_c(tmp_path: Path, capsys: 
     sender.start()
     # the model held at scikit-learn's fit: the exact guide has nothing to learn (one pass), the amortized one trains
     # until stopped
-    code = fa_experiment.main(["--dataset", "wine", "--latent-dim", "2", "--guide", "exact,amortized", "--fix-model",
-                               "sklearn", "--epochs", "100000", "--iwae-k", "8", "--output", str(out), "--quiet"])
+    try:
+        code = fa_experiment.main(["--dataset", "wine", "--latent-dim", "2", "--guide", "exact,amortized",
+                                   "--fix-model", "sklearn", "--epochs", "100000", "--iwae-k", "8", "--output",
+                                   str(out), "--quiet"])
+    finally:
+        stop_sender.set()
     sender.join(timeout=10)
+    assert not timed_out.is_set(), f"{out / 'results.json'} did not appear within {HANG_GUARD_S} s"
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 143 and len(err) == 1 and err[0].startswith("terminated: "), err
     assert err[0].endswith(f"--resume {out}")
     assert [g for g, _ in _numbers(out)] == ["exact"]
     _assert_complete_or_absent(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --resume and --from-checkpoints check what an earlier run left against this run (audit issue 22); the output
+# directory is locked while a run writes it
+
+FA_FLAGS = ["--latent-dim", "2", "--epochs", "2", "--iwae-k", "5", "--seed", "0"]
+
+
+def _pyro_lvm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", "factor_analysis", *args], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one line on stderr, an ``error:`` line holding ``needles``, no traceback, no table."""
+    shown = f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-3000:]}\n--- stdout\n{proc.stdout[-1000:]}"
+    assert proc.returncode == 2, shown
+    assert "Traceback" not in proc.stdout + proc.stderr, shown
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), shown
+    assert "###" not in proc.stdout and "results written" not in proc.stdout, shown
+    missing = [n for n in needles if n not in lines[0]]
+    assert not missing, f"the error line lacks {missing}: {lines[0]}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def wine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished factor_analysis run on wine with the exact and amortized guides (copied by each test)."""
+    out = tmp_path_factory.mktemp("wine") / "R"
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture
+def run_copy(wine_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "R"
+    shutil.copytree(wine_run, out)
+    return out
+
+
+def _unchanged(out: Path, wine_run: Path) -> None:
+    assert (out / "results.json").read_bytes() == (wine_run / "results.json").read_bytes()
+    assert not (out / ".lock").exists()
+
+
+def test_resume_refuses_finished_guides_fitted_on_other_data(run_copy: Path, wine_run: Path) -> None:
+    proc = _pyro_lvm("--dataset", "iris", "--guide", "exact,amortized,amortized-fullcov", *FA_FLAGS,
+                     "--resume", str(run_copy))
+    _refused(proc, "--resume:", str(run_copy / "checkpoints" / "exact" / "fitted.pt"), "fitted on wine",
+             "this run uses iris")
+    _unchanged(run_copy, wine_run)
+    assert not (run_copy / "checkpoints" / "amortized-fullcov").exists()
+
+
+def test_resume_refuses_finished_guides_of_another_latent_dim(run_copy: Path, wine_run: Path) -> None:
+    flags = [*FA_FLAGS]
+    flags[1] = "3"
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *flags, "--resume", str(run_copy))
+    _refused(proc, "--resume:", "fitted.pt", "latent_dim: saved 2, this run 3")
+    _unchanged(run_copy, wine_run)
+
+
+def test_resume_refuses_other_settings_of_the_results(run_copy: Path, wine_run: Path) -> None:
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS[:-4], "--iwae-k", "7",
+                     "--seed", "0", "--resume", str(run_copy))
+    _refused(proc, "--resume:", "results.json", "--iwae-k: saved 5, this run 7")
+    _unchanged(run_copy, wine_run)
+
+
+def test_resume_refuses_a_finished_guide_saved_from_a_vae(run_copy: Path, wine_run: Path) -> None:
+    import pyro_lvm
+
+    model = pyro_lvm.build_model("vae", 13, latent_dim=2)
+    pyro_lvm.save(run_copy / "checkpoints" / "amortized" / "fitted.pt", model, pyro_lvm.build_guide("amortized", model))
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume", str(run_copy))
+    _refused(proc, "--resume:", str(run_copy / "checkpoints" / "amortized" / "fitted.pt"),
+             "model: saved 'vae', this run 'factor_analysis'")
+    _unchanged(run_copy, wine_run)
+
+
+@pytest.mark.parametrize("text", ["[]", '{"rows": 3}', '{"results": [3]}'], ids=["list", "no-results", "bad-row"])
+def test_resume_refuses_a_results_json_of_the_wrong_shape(run_copy: Path, text: str) -> None:
+    (run_copy / "results.json").write_text(text)
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume", str(run_copy))
+    _refused(proc, "--resume:", str(run_copy / "results.json"), "not a results.json")
+    assert (run_copy / "results.json").read_text() == text and not (run_copy / ".lock").exists()
+
+
+def test_resume_of_a_finished_run_says_so_and_reports_it_again(run_copy: Path, wine_run: Path) -> None:
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--resume",
+                     str(run_copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "every guide (exact, amortized) had finished" in lines[0], lines
+    assert _numbers(run_copy) == _numbers(wine_run)
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume", str(run_copy))
+    assert proc.returncode == 0 and "### factor_analysis on wine" in proc.stdout, proc.stderr[-2000:]
+    assert sum("had finished" in line for line in proc.stderr.splitlines()) == 1
+    assert not (run_copy / ".lock").exists()
+
+
+def test_resume_with_a_new_guide_says_which_guides_continue(run_copy: Path, wine_run: Path) -> None:
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized,amortized-fullcov", *FA_FLAGS, "--quiet",
+                     "--resume", str(run_copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"resuming {run_copy}: exact, amortized had finished"), lines
+    assert "amortized-fullcov starts anew" in lines[0]
+    assert _numbers(run_copy)[:2] == _numbers(wine_run)
+    assert [g for g, _ in _numbers(run_copy)] == ["exact", "amortized", "amortized-fullcov"]
+
+
+def test_from_checkpoints_into_its_own_output_keeps_the_rows_not_rescored(run_copy: Path, wine_run: Path) -> None:
+    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact", *FA_FLAGS, "--quiet", "--from-checkpoints",
+                     str(run_copy), "--output", str(run_copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "keeping the rows of amortized" in proc.stderr
+    assert dict(_numbers(run_copy)) == dict(_numbers(wine_run))
+
+
+def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(run_copy: Path, wine_run: Path) -> None:
+    import socket
+
+    lock = run_copy / ".lock"
+    args = ["--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--resume", str(run_copy)]
+    live = subprocess.Popen(["sleep", "300"])
+    try:
+        lock.write_text(f"{live.pid} {socket.gethostname()}\n")
+        _refused(_pyro_lvm(*args), "--resume:", "in use by another run", f"pid {live.pid}", str(lock))
+        assert lock.read_text() == f"{live.pid} {socket.gethostname()}\n"  # another run's lock is left alone
+        assert (run_copy / "results.json").read_bytes() == (wine_run / "results.json").read_bytes()
+    finally:
+        live.kill()
+        live.wait()
+    # the pid is dead now (reaped): a run killed with -9 left this lock, and the next run takes it over
+    proc = _pyro_lvm(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not lock.exists()
+
+
+def test_a_fresh_output_is_locked_while_the_run_writes_and_removed_when_refused(tmp_path: Path) -> None:
+    """A run refused after its lock was taken leaves no lock and no directory it created."""
+    out = tmp_path / "new" / "R"
+    proc = _pyro_lvm("--data", str(tmp_path / "missing.csv"), "--guide", "exact", *FA_FLAGS, "--output", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_stop_before_the_first_checkpoint_suggests_no_resume(tmp_path: Path, wine_run: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while the data load: nothing to --resume and no results.json to point to; the output directory the run
+    made is gone. The same stop on --resume of a run with checkpoints says how to continue."""
+    import shutil
+
+    from pyro_lvm import harness
+    from pyro_lvm.experiments import factor_analysis as fa_experiment
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "load_data", interrupted)
+    out = tmp_path / "R"
+    code = fa_experiment.main(["--dataset", "wine", "--guide", "exact", *FA_FLAGS, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1 and err[0].startswith("interrupted: "), err
+    assert "--resume" not in err[0] and "results.json" not in err[0], err
+    assert not out.exists()
+
+    shutil.copytree(wine_run, out)
+    code = fa_experiment.main(["--dataset", "wine", "--guide", "exact", *FA_FLAGS, "--resume", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1, err
+    assert f"finished guides are in {out / 'results.json'}" in err[0] and err[0].endswith(f"--resume {out}"), err
+    assert not (out / ".lock").exists()

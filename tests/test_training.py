@@ -242,7 +242,7 @@ def test_a_fit_interrupted_and_resumed_equals_the_uninterrupted_fit(tmp_path: Pa
     model, guide, whole = _vae_fit(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         _vae_fit(tmp_path / "cut", callbacks=[_InterruptAt(4)])
-    saved = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
     assert [h["epoch"] for h in saved["pyro_lvm"]["history"]] == [1, 2, 3]  # three whole epochs, then the stop
     model2, guide2, resumed = _vae_fit(tmp_path / "cut", resume=str(tmp_path / "cut" / "last.ckpt"))
     keys = ("epoch", "beta", "train_loss", "valid_elbo")

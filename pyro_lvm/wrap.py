@@ -1,0 +1,463 @@
+r"""Your own Pyro model function, as a model every part of the suite accepts.
+
+    def poisson_pca(x):
+        W = pyro.param("W", lambda: 0.1 * torch.randn(2, x.shape[-1]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            s = pyro.sample("s", dist.LogNormal(0.0, 1.0))                 # a positive per-point size factor
+            pyro.sample("x", dist.Poisson(s.unsqueeze(-1) * (z @ W).exp()).to_event(1), obs=x)
+
+    model = pyro_lvm.wrap_model(poisson_pca, data_dim=20)
+    guide = pyro_lvm.build_guide("iaf:2", model)         # any amortized family
+    pyro_lvm.fit(model, guide, x_train, epochs=100, seed=0)
+    pyro_lvm.evaluate(model, guide, x_test, iwae_k=100)  # held-out ELBO, IWAE-K and k̂ per point
+
+**What the function must do** (checked when it is wrapped, on a prototype trace of a few points; a violation is
+one ``ValueError`` naming the site and the rule): take the data ``x`` (points × features) as its first argument;
+put every per-point site inside ``pyro.plate("data", len(x))`` at dim −1; give each local latent site a batch
+shape of exactly the points (``(N,)``; its event shape is free) and a continuous support that
+``torch.distributions.biject_to`` knows (real, positive, unit interval, simplex, lower-Cholesky, ...); broadcast
+over leading batch dims (the evaluator draws many z per point at once, as Pyro's vectorised particles do). Its
+learnable quantities are ``pyro.param`` statements (or the weights of a ``PyroModule`` passed instead of a
+function): point estimates, owned by the wrapped model, so ``fit``, ``save`` and ``load`` see them. Not yet
+supported, and refused by name: latent sites outside the data plate (global latents: make them ``pyro.param``),
+discrete latent sites, local sites under a further plate.
+
+**How the guides see it.** The local latent sites of a point are one vector u ∈ ℝ^k in unconstrained space
+(site by site, ``biject_to(support)``, in trace order): the model samples u at the site ``_u`` and writes each of
+the function's sites back under its own name and support, z_s = T_s(u_s), with log p(z_s) + log |det ∂T_s/∂u_s|.
+So log p(x, u) = log p(x, z) + Σ_s log|det J_s| and every amortized family — ``amortized``,
+``amortized-fullcov``, the flows — is a q(u|x) with correlations between sites, and its ELBO and IWAE-K are those
+of the pushed-forward q(z|x) (the log-dets cancel in p/q). Minibatches are rescaled to the full data set by the
+library (``total_size`` is not the function's business).
+
+**The encoder's input** is ``encoder_input(x)``: by default ``log1p`` when the observed site's support is
+non-negative counts (raw counts in the thousands would otherwise saturate the encoder), else the identity;
+name another (:data:`ENCODER_INPUTS`) to override. It is stored with the model, so :func:`pyro_lvm.load` rebuilds
+it, and the function itself is stored by its import path (``package.module:function``), never pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.nn import PyroModule
+from pyro.params.param_store import ParamStoreDict
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.distributions import biject_to, constraints
+
+from pyro_lvm.config import check_config
+from pyro_lvm.models.base import DATA_PLATE, LatentModel, ModelTraits, data_plate
+from pyro_lvm.registry import MODELS, Registry, register_model
+
+#: transforms of x applied before every encoder, by name
+ENCODER_INPUTS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("encoder input")
+ENCODER_INPUTS.register("identity")(lambda x: x)
+ENCODER_INPUTS.register("log1p")(lambda x: torch.log1p(x.clamp_min(0)))
+
+#: points in the prototype trace that reads a function's structure
+PROTOTYPE_POINTS = 3
+#: the site at which the model samples the unconstrained vector of a point's local latents
+UNCONSTRAINED_SITE = "_u"
+
+
+def import_target(target: str) -> Callable[..., Any]:
+    """The object named by ``package.module:name`` or ``path/to/file.py:name``; ``ValueError`` saying what to
+    import when it cannot be found."""
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model: {target!r} is not an import path; write package.module:function or "
+                         "path/to/file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ImportError(f"no file {path}")
+            spec = importlib.util.spec_from_file_location(f"pyro_lvm_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model: cannot import {target!r} ({e}); make the module that defines it importable "
+                         "(install it, or run from its directory), or give path/to/file.py:function") from None
+
+
+def target_of(fn: Any) -> str:
+    """The import path a function (or a ``PyroModule``'s class) is stored under."""
+    obj = fn if callable(fn) and not isinstance(fn, nn.Module) else type(fn)
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+@dataclass(frozen=True)
+class LocalSite:
+    """One local latent site of a wrapped function: where its values sit in a point's unconstrained vector."""
+
+    name: str
+    event_shape: tuple[int, ...]
+    #: the shape of its unconstrained values (differs for supports such as the simplex: K → K − 1)
+    unconstrained_shape: tuple[int, ...]
+    offset: int
+    support: Any
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.unconstrained_shape)
+
+
+@dataclass
+class FunctionConfig:
+    """A wrapped Pyro model function: its import path and what the suite reads from its prototype trace."""
+
+    data_dim: int
+    #: ``package.module:function`` or ``path/to/file.py:function``
+    target: str
+    #: transform of x before every encoder: a name in ENCODER_INPUTS, or "auto" (log1p for counts)
+    encoder_input: str = "auto"
+    #: the name results and files give the model ("" → the function's name)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        check_config(self, positive_int=("data_dim",))
+        if self.encoder_input != "auto":
+            ENCODER_INPUTS[self.encoder_input]  # noqa: B018 - an unknown name raises, listing the valid ones
+
+
+class _ParamStore(Messenger):
+    """Serves a function's ``pyro.param`` statements from the wrapped model's own parameters (created, with their
+    constraint, the first time a name is seen), so the model owns them: ``fit``, ``save``, ``load`` and
+    ``state_dict`` see them and Pyro's global parameter store is never touched."""
+
+    def __init__(self, owner: FunctionModel) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def _pyro_param(self, msg: dict[str, Any]) -> None:
+        if getattr(msg["fn"], "__func__", None) is not ParamStoreDict.get_param:
+            return  # a PyroModule's own weights: served by the module (module-local parameters)
+        name = msg["name"]
+        key = name.replace(".", "_")
+        store = self.owner._modules["unconstrained"]  # not getattr: a PyroModule attribute read emits a param
+        if key not in store:
+            args = msg["args"]
+            init = args[1] if len(args) > 1 else msg["kwargs"].get("init_tensor")
+            if init is None:
+                raise ValueError(f"model: pyro.param({name!r}) has no initial value the first time it is seen")
+            init = init() if callable(init) else init
+            constraint = msg["kwargs"].get("constraint", constraints.real)
+            init = torch.as_tensor(init, dtype=self.owner.dtype, device=self.owner.device)
+            with torch.no_grad():
+                store[key] = nn.Parameter(biject_to(constraint).inv(init).clone())
+            self.owner.__dict__["constraints_"][key] = constraint
+        msg["value"] = biject_to(self.owner.__dict__["constraints_"][key])(store[key])
+        msg["done"] = True
+
+
+class _Reparametrized(dist.TorchDistribution):
+    """A local site's prior scored at z = T(u): log p(z) + log |det ∂T/∂u| (the log-det computed from u)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base: Any, log_det: torch.Tensor) -> None:
+        self.base, self.log_det = base, log_det
+        batch = torch.broadcast_shapes(base.batch_shape, log_det.shape)
+        super().__init__(batch, base.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return self.base.support
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(value) + self.log_det
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> _Reparametrized:
+        return _Reparametrized(self.base.expand(batch_shape), self.log_det.expand(batch_shape))
+
+
+class _WriteBack(Messenger):
+    """Writes a point's unconstrained vector u back onto the function's local sites: z_s = T_s(u_s), scored by
+    :class:`_Reparametrized` and marked so the evaluator counts it in log p(z), not log p(x|z)."""
+
+    def __init__(self, sites: dict[str, LocalSite], u: torch.Tensor) -> None:
+        super().__init__()
+        self.sites, self.u = sites, u
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        site = self.sites.get(msg["name"])
+        if site is None or msg["is_observed"]:
+            return
+        u = self.u[..., site.offset:site.offset + site.size].reshape(self.u.shape[:-1] + site.unconstrained_shape)
+        transform = biject_to(msg["fn"].support)
+        value = transform(u)
+        log_det = sum_rightmost(transform.log_abs_det_jacobian(u, value),
+                                len(site.event_shape) - transform.codomain.event_dim)
+        msg["value"], msg["fn"], msg["is_observed"] = value, _Reparametrized(msg["fn"], log_det), True
+        msg["infer"] = {**msg.get("infer", {}), "pyro_lvm_local": True}
+
+
+def _is_discrete(fn: Any) -> bool:
+    return getattr(fn.support, "is_discrete", False)
+
+
+@register_model("function")
+class FunctionModel(LatentModel):
+    """A Pyro model function wrapped by :func:`wrap_model` (see :mod:`pyro_lvm.wrap` for the rules)."""
+
+    Config = FunctionConfig
+    local_site = UNCONSTRAINED_SITE
+
+    def __init__(self, config: FunctionConfig, fn: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        if fn is None:
+            fn = import_target(config.target)
+            if isinstance(fn, type) and issubclass(fn, nn.Module):
+                fn = fn()  # a PyroModule is stored by its class; its weights come from the state dict
+        if isinstance(fn, nn.Module):
+            self.net = fn  # a PyroModule's weights are the model's
+            self._fn = (fn,)
+        elif callable(fn):
+            self._fn = (fn,)
+        else:
+            raise ValueError(f"fn: expected a Pyro model function or a PyroModule, got {type(fn).__name__}")
+        self.unconstrained = nn.ParameterDict()
+        self.constraints_: dict[str, Any] = {}
+        self.data_dim = config.data_dim
+        self.sites, self.observed_support = self._read_structure()
+        self.latent_dim = sum(s.size for s in self.sites.values())
+        if config.encoder_input == "auto":
+            counts = self.observed_support is not None and _is_discrete_count(self.observed_support)
+            self.encoder_input_name = "log1p" if counts else "identity"
+        else:
+            self.encoder_input_name = config.encoder_input
+
+    @property
+    def fn(self) -> Any:
+        return self._fn[0]
+
+    @property
+    def label(self) -> str:
+        return self.config.label or self.config.target.rpartition(":")[2]
+
+    def parameters_constrained(self) -> dict[str, torch.Tensor]:
+        """The function's ``pyro.param`` values, in their constrained spaces, by name."""
+        store, cons = self._modules["unconstrained"], self.__dict__["constraints_"]
+        return {k: biject_to(cons[k])(v) for k, v in store.items()}
+
+    def set_parameters(self, **values: object) -> None:
+        """Set ``pyro.param`` values by name (in their constrained spaces), e.g. ``set_parameters(W=W0)``."""
+        store, cons = self._modules["unconstrained"], self.__dict__["constraints_"]
+        for k, v in values.items():
+            if k not in store:
+                raise ValueError(f"{k}: not a parameter of {self.label} (it has {', '.join(store)})")
+            v = torch.as_tensor(v, dtype=self.dtype, device=self.device)
+            if v.shape != store[k].shape:
+                raise ValueError(f"{k}: expected shape {tuple(store[k].shape)}, got {tuple(v.shape)}")
+            with torch.no_grad():
+                store[k].copy_(biject_to(cons[k]).inv(v))
+
+    @classmethod
+    def traits_for(cls, config: object) -> ModelTraits:
+        # Trace_ELBO and TraceGraph_ELBO: the reparametrized sites carry no KL of their own to look up
+        return ModelTraits(cls.name, cls.local_site, (), None, False, "trace", ("trace", "tracegraph"),
+                           "a wrapped function's sites are scored through their log-dets; no analytic KL")
+
+    # ---------------------------------------------------------------- structure
+    def _read_structure(self) -> tuple[dict[str, LocalSite], Any]:
+        """The local latent sites and the observed site's support, from a prototype trace on a few points."""
+        n = PROTOTYPE_POINTS
+        x = torch.zeros(n, self.data_dim)
+        with torch.random.fork_rng(devices=[]), _ParamStore(self):
+            try:
+                tr = poutine.trace(self.fn).get_trace(x)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                raise ValueError(f"model: the function fails on a prototype batch of {n} points of {self.data_dim} "
+                                 f"features ({' '.join(str(e).split())[:200]}); it must take the data (points × "
+                                 "features) as its first argument") from None
+        sites: dict[str, LocalSite] = {}
+        observed_support, offset = None, 0
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                continue
+            plates = {f.name: f for f in site["cond_indep_stack"]}
+            frame = plates.get(DATA_PLATE)
+            if frame is None:
+                what = "observed" if site["is_observed"] else "latent"
+                raise ValueError(f"model: {what} site {name!r} is outside pyro.plate({DATA_PLATE!r}, len(x)); put "
+                                 "every per-point site inside it (global latent sites are not supported yet: make "
+                                 "them pyro.param point estimates)")
+            if frame.dim != -1:
+                raise ValueError(f"model: site {name!r} is in plate {DATA_PLATE!r} at dim {frame.dim}; the data "
+                                 "plate must be at dim -1 (pyro.plate('data', len(x)) with no other plate inside)")
+            if len(plates) > 1:
+                others = ", ".join(sorted(k for k in plates if k != DATA_PLATE))
+                raise ValueError(f"model: site {name!r} is also in plate(s) {others}; local sites under a further "
+                                 "plate are not supported yet")
+            fn = site["fn"]
+            if site["is_observed"]:
+                if observed_support is not None:
+                    raise ValueError(f"model: observed sites {self.observed_site!r} and {name!r}; wrap_model "
+                                     "takes one observed site, the data x")
+                observed_support, self.observed_site = fn.support, name
+                continue
+            if tuple(fn.batch_shape) != (n,):
+                raise ValueError(f"model: local site {name!r} has batch shape {tuple(fn.batch_shape)} on {n} points; "
+                                 "it must be exactly (points,): move per-point dims into the event with .to_event()")
+            if _is_discrete(fn):
+                raise ValueError(f"model: local site {name!r} is discrete ({type(fn).__name__}); discrete local "
+                                 "sites are not supported yet by wrap_model")
+            try:
+                transform = biject_to(fn.support)
+            except NotImplementedError:
+                raise ValueError(f"model: local site {name!r} has support {fn.support}, which has no bijection "
+                                 "from real space (torch.distributions.biject_to)") from None
+            event = tuple(fn.event_shape)
+            unconstrained = tuple(transform.inv.forward_shape(event)) if event else ()
+            sites[name] = LocalSite(name, event, unconstrained, offset, fn.support)
+            offset += sites[name].size
+        if observed_support is None:
+            raise ValueError("model: the function has no observed site; it must score the data, "
+                             "pyro.sample('x', ..., obs=x)")
+        if not sites:
+            raise ValueError("model: the function has no local latent site inside pyro.plate('data', len(x)); "
+                             "there is nothing for an amortized guide to infer")
+        return sites, observed_support
+
+    # ---------------------------------------------------------------- the model
+    def validate(self, x: object, name: str = "data") -> torch.Tensor:
+        """The base checks, plus every value inside the observed site's support (counts must be raw counts)."""
+        x = super().validate(x, name)
+        support = self.observed_support
+        base = support.base_constraint if isinstance(support, constraints.independent) else support
+        ok = base.check(x)
+        if not bool(ok.all()):
+            r, c = (int(i) for i in (~ok).nonzero()[0])
+            raise ValueError(f"{name}: row {r}, column {c} holds {float(x[r, c]):g}, outside the support of the "
+                             f"observed site {self.observed_site!r} ({base}); pass the raw values "
+                             "(--no-standardize, or from_array(..., standardize=False))")
+        return x
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return ENCODER_INPUTS[self.encoder_input_name](x)
+
+    def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+        n = x.shape[0]
+        with data_plate(n, total_size, x.device):
+            u = pyro.sample(UNCONSTRAINED_SITE, dist.ImproperUniform(constraints.real, (n,), (self.latent_dim,)))
+        scale = 1.0 if total_size is None else float(total_size) / n  # minibatches: the library's job
+        # the function's own data plate records a subsample site named "data", as the plate above does: hidden
+        hide = poutine.block(hide_fn=lambda m: m["name"] == DATA_PLATE and m["type"] == "sample")
+        with hide, poutine.scale(scale=scale), _ParamStore(self), _WriteBack(self.sites, u):
+            self.fn(x)
+
+    def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each local site's values, in its own support and event shape, from unconstrained vectors u (..., k)."""
+        out = {}
+        for s in self.sites.values():
+            part = u[..., s.offset:s.offset + s.size].reshape(u.shape[:-1] + s.unconstrained_shape)
+            out[s.name] = biject_to(s.support)(part)
+        return out
+
+    def unpack_draws(self, u: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+        """ArviZ's view of draws u (S, N, k): each local site under its own name and support, (S, N, *event),
+        with its event dims named ``<site>_dim_<i>``."""
+        values = self.unpack(torch.from_numpy(u))
+        return ({k: v.numpy() for k, v in values.items()},
+                {k: ["point", *(f"{k}_dim_{i}" for i in range(len(s.event_shape)))] for k, s in self.sites.items()})
+
+    def bind_guide(self, guide: object) -> None:
+        encoder = getattr(guide, "encoder", None)
+        if isinstance(encoder, nn.Module) and not isinstance(encoder, _InputTransformed):
+            guide.encoder = _InputTransformed(encoder, self.encoder_input_name)  # type: ignore[attr-defined]
+
+    def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
+        x = torch.zeros(n, self.data_dim, dtype=self.dtype, device=self.device)
+        with _ParamStore(self):
+            tr = poutine.trace(poutine.uncondition(self.fn)).get_trace(x)
+        site = tr.nodes[self.observed_site]
+        value = site["fn"].mean if mean else site["value"]
+        return value.reshape(n, self.data_dim)
+
+    @classmethod
+    def example(cls, seed: int = 0) -> tuple[LatentModel, torch.Tensor]:
+        from pyro_lvm.models import functions
+
+        g = torch.Generator().manual_seed(seed)
+        x = torch.poisson(3.0 * torch.rand(24, 5, generator=g))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = wrap_model(functions.poisson_pca, data_dim=5)
+        return model, x
+
+
+def _is_discrete_count(support: Any) -> bool:
+    """Counts (non-negative integers, or integers from 0 up to a bound), not 0/1 outcomes."""
+    if isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support is constraints.boolean:
+        return False
+    lower = getattr(support, "lower_bound", None)
+    upper = getattr(support, "upper_bound", None)
+    return getattr(support, "is_discrete", False) and lower == 0 and (upper is None or not (
+        isinstance(upper, int | float) and upper <= 1))
+
+
+class _InputTransformed(nn.Module):
+    """An encoder that sees ``encoder_input(x)``: the named transform, then the network (its ``output_dim`` kept)."""
+
+    def __init__(self, net: nn.Module, transform: str) -> None:
+        super().__init__()
+        self.net, self.transform = net, transform
+        self.output_dim = getattr(net, "output_dim", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(ENCODER_INPUTS[self.transform](x))
+
+
+def require_model(model: object, what: str) -> None:
+    """A ``ValueError`` naming ``what`` unless ``model`` is a suite model; a bare Pyro function gets the fix."""
+    if isinstance(model, LatentModel):
+        return
+    if callable(model):
+        raise ValueError(f"{what}: {getattr(model, '__name__', type(model).__name__)} is a plain Pyro model; wrap "
+                         "it first: model = pyro_lvm.wrap_model(fn, data_dim=D), then pass that model")
+    raise ValueError(f"{what}: expected a model built by build_model or wrap_model, got {type(model).__name__}")
+
+
+def wrap_model(fn: Any, *, data_dim: int, name: str | None = None, encoder_input: str = "auto",
+               target: str | None = None) -> FunctionModel:
+    """A model the suite accepts (``build_guide``, ``fit``, ``evaluate``, ``save``/``load``, ``sample``) from a
+    plain Pyro model function ``fn(x)`` or a ``PyroModule``; its rules are in :mod:`pyro_lvm.wrap`.
+
+    ``data_dim`` is the number of features; ``name`` labels results (default: the function's name);
+    ``encoder_input`` names the transform of x before every encoder ("auto": log1p for count likelihoods);
+    ``target`` is the import path :func:`pyro_lvm.load` imports the function from (default: where ``fn`` is
+    defined). A function that breaks a rule raises ``ValueError`` naming the site and the rule, before any data
+    are loaded or any guide is built.
+    """
+    if isinstance(fn, LatentModel):
+        return fn  # type: ignore[return-value]
+    if not callable(fn):
+        raise ValueError(f"fn: expected a Pyro model function or a PyroModule, got {type(fn).__name__}")
+    if isinstance(fn, nn.Module) and not isinstance(fn, PyroModule):
+        raise ValueError("fn: a torch module must be a PyroModule (pyro.nn.PyroModule) to be a Pyro model")
+    cfg = FunctionConfig(data_dim=int(data_dim), target=target or target_of(fn), encoder_input=encoder_input,
+                         label=name or "")
+    return FunctionModel(cfg, fn=fn)
+
+
+assert MODELS["function"] is FunctionModel
