@@ -103,7 +103,8 @@ def test_budget_runner_scores_a_run_stopped_by_its_budget_from_its_checkpoint(tm
     last = out / "amortized" / "checkpoints" / "amortized" / "last.ckpt"
     code = gated_conv_budget.main([
         "--guides", "amortized", "--architecture", "mlp", "--latent-dim", "2", "--accelerator", "cpu",
-        "--epochs", "100000", "--warmup-epochs", "0", "--eval-seconds", "3600", "--iwae-k", "3", "--test-subset", "20", "--subset", "100",
+        "--epochs", "100000", "--warmup-epochs", "0", "--eval-seconds", "3600", "--iwae-k", "3",
+        "--test-subset", "20", "--subset", "100",
         "--threads", "1", "--data-dir", str(fake_mnist), "--output", str(out)], budget_ended=last.is_file)
     res = json.loads((out / "results.json").read_text())
     row = res["results"][0]
