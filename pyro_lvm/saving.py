@@ -191,8 +191,9 @@ def _entry(path: Path, ckpt: dict[str, Any], *keys: str, kind: type | tuple[type
     return value
 
 
-def _rebuild(path: Path, ckpt: dict[str, Any]) -> tuple[LatentModel, Any]:
-    """The model and guide of a fitted-model file, rebuilt from their registered names and stored configs."""
+def _rebuild(path: Path, ckpt: dict[str, Any]) -> tuple[LatentModel, Any, dict[str, Any], dict[str, Any]]:
+    """The model and guide of a fitted-model file, rebuilt from their registered names and stored configs, and
+    their stored state dicts (each entry checked, so a damaged file is one line naming what is missing)."""
     from pyro_lvm.guides import build_guide
     from pyro_lvm.guides.config import GuideConfig
 
@@ -203,7 +204,7 @@ def _rebuild(path: Path, ckpt: dict[str, Any]) -> tuple[LatentModel, Any]:
     cls = MODELS[name]
     spec = _entry(path, ckpt, "guide", "spec", kind=str)
     model_cfg, guide_cfg = _entry(path, ckpt, "model", "config"), _entry(path, ckpt, "guide", "config")
-    _entry(path, ckpt, "model", "state"), _entry(path, ckpt, "guide", "state")
+    model_state, guide_state = _entry(path, ckpt, "model", "state"), _entry(path, ckpt, "guide", "state")
     try:
         with torch.random.fork_rng(devices=[]):  # the throw-away initial values must not use up the caller's RNG
             model = cls(from_dict(cls.Config, model_cfg))
@@ -216,7 +217,7 @@ def _rebuild(path: Path, ckpt: dict[str, Any]) -> tuple[LatentModel, Any]:
     except (TypeError, KeyError) as e:
         raise ValueError(f"{path}: its stored configuration does not rebuild a model and guide "
                          f"({' '.join(str(e).split())[:200]}); save the fit again") from None
-    return model, guide
+    return model, guide, model_state, guide_state
 
 
 def load(path: str | Path, *, device: str | torch.device | None = "cpu") -> Fitted:
@@ -229,17 +230,17 @@ def load(path: str | Path, *, device: str | torch.device | None = "cpu") -> Fitt
     ckpt = read_checkpoint(path)
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a pyro_lvm fitted-model file (expected format {FORMAT!r})")
-    model, guide = _rebuild(path, ckpt)
+    model, guide, model_state, guide_state = _rebuild(path, ckpt)
     target = resolve_device(device) or torch.device("cpu")
-    dtype = next((v.dtype for v in ckpt["model"]["state"].values()
+    dtype = next((v.dtype for v in model_state.values()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     if dtype is not None:
         model.to(dtype)
         guide.to(dtype)
     try:
-        model.load_state_dict(ckpt["model"]["state"])
+        model.load_state_dict(model_state)
         materialize(model, guide)
-        guide.load_state_dict(ckpt["guide"]["state"])
+        guide.load_state_dict(guide_state)
     except RuntimeError as e:
         raise ValueError(f"{path}: the stored parameters do not fit the rebuilt model and guide "
                          f"({str(e).splitlines()[0]})") from None
