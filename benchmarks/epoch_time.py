@@ -7,7 +7,9 @@ encoder, ``Trace_ELBO``, Adam 1e-3, minibatches of 100 from the 50,000 training 
 ELBO on the 10,000 validation images after every epoch, ``best``/``last`` checkpoints as an experiment writes
 them. Data loading is included: the epoch is timed from the first minibatch to the end of its checkpoints.
 
-Variants (``--variants``): ``lightning`` (``fit`` today), ``lightning-jit`` (the same estimator through
+Variants (``--variants``): ``lightning`` (``fit`` today: the traced ``Trace_ELBO`` step and Adam's fused kernel),
+``lightning-eager-loop`` (``fit``'s default before them: Pyro every step, Adam's per-tensor loop),
+``lightning-compiled`` (the traced step compiled by ``torch.compile``), ``lightning-jit`` (the same estimator through
 ``JitTrace_ELBO``), ``lightning-fused`` and ``lightning-jit-fused`` (the same with Adam's fused kernel,
 ``--optimizer adam-fused``), ``lightning-no-checkpoints`` (no output directory), ``handwritten`` (the loop ``fit``
 used before Lightning, ``benchmarks/handwritten_loop.py``). Rounds interleave variants and thread counts, one seed per
@@ -40,6 +42,10 @@ from .handwritten_loop import fit_handwritten
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "lightning": {"elbo": "trace", "checkpoints": True, "runner": fit},
+    # fit's default before the traced step and the fused optimiser: Pyro's Trace_ELBO each step, Adam's per-tensor loop
+    "lightning-eager-loop": {"elbo": "trace", "step": "eager", "optimizer": "adam-loop", "checkpoints": True,
+                             "runner": fit},
+    "lightning-compiled": {"elbo": "trace", "step": "compiled", "checkpoints": True, "runner": fit},
     "lightning-jit": {"elbo": "jit", "checkpoints": True, "runner": fit},
     "lightning-fused": {"elbo": "trace", "optimizer": "adam-fused", "checkpoints": True, "runner": fit},
     "lightning-jit-fused": {"elbo": "jit", "optimizer": "adam-fused", "checkpoints": True, "runner": fit},
@@ -80,7 +86,7 @@ def one_run(variant: str, seed: int, epochs: int, train: torch.Tensor, valid: to
     runner: Callable[..., Any] = spec["runner"]
     with tempfile.TemporaryDirectory() as tmp, _CheckpointTimer() as ckpt:
         cfg = TrainConfig(epochs=epochs, batch_size=100, lr=1e-3, elbo=spec["elbo"], seed=seed, quiet=True,
-                          optimizer=spec.get("optimizer", "adam"),
+                          optimizer=spec.get("optimizer", "adam"), step=spec.get("step", "auto"),
                           output=tmp if spec["checkpoints"] else None, restore_best=spec["checkpoints"])
         t0 = time.perf_counter()
         fr = runner(model, guide, train, valid, cfg)

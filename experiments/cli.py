@@ -109,12 +109,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: A
         if (only is not None and f.name not in only) or f.name in exclude or dataclasses.is_dataclass(hints[f.name]):
             continue
         tp, default = hints[f.name], getattr(defaults, f.name)
-        help_text = docs.get(f.name, "")
+        help_text = plain_text(docs.get(f.name, ""))
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         told = "default" in help_text  # the comment already says what the default means
         kwargs: dict[str, Any] = {"dest": f.name, "default": default,
                                   "help": help_text if told else f"{help_text} (default: {shown})".strip()}
-        if tp is bool:
+        if tp is bool or set(typing.get_args(tp)) == {bool, type(None)}:  # bool | None: unset means "decide"
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"], metavar = _parser_for(tp)
@@ -127,13 +127,32 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: A
     return added
 
 
+def plain_text(doc: str) -> str:
+    """A docstring as a terminal shows it: reStructuredText roles, literals and math markup taken out
+    (``:func:`pyro_lvm.fit``` -> ``pyro_lvm.fit``, ````x```` -> ``x``, ``:math:`\\mathcal N``` -> ``N``)."""
+    text = re.sub(r":math:`([^`]*)`", lambda m: _plain_math(m.group(1)), doc)
+    text = re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"^\s*\.\. math::\s*$", "", text, flags=re.M)
+    return text.replace("\\ ", "")
+
+
+def _plain_math(tex: str) -> str:
+    tex = re.sub(r"\\(mathcal|mathrm|mathbf|operatorname)\{([^}]*)\}", r"\2", tex)
+    for macro, char in (("\\mid", "|"), ("\\sim", "~"), ("\\le", "≤"), ("\\ge", "≥"), ("\\sum", "Σ"),
+                        ("\\theta", "θ"), ("\\mu", "μ"), ("\\sigma", "σ"), ("\\psi", "ψ"), ("\\Psi", "Ψ")):
+        tex = tex.replace(macro, char)
+    return tex.replace("\\", "").replace("{", "").replace("}", "")
+
+
 def parse_config(experiment: Experiment, argv: Sequence[str] | None,
                  notes: list[str] | None = None) -> ExperimentConfig:
     """Flags of ``experiment``'s config (and the TrainConfig fields it exposes) -> a checked config. Where a default
     had to give way to the flags given (the experiment's KL warm-up to a shorter ``--epochs``), a line saying so is
     appended to ``notes``."""
     cls, defaults = experiment.Config, experiment.Config()
-    p = ArgumentParser(prog=f"pyro-lvm {experiment.name}", description=sys.modules[type(experiment).__module__].__doc__,
+    p = ArgumentParser(prog=f"pyro-lvm {experiment.name}",
+                       description=plain_text(sys.modules[type(experiment).__module__].__doc__ or ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"accelerator": lambda: list(ACCELERATORS), "strategy": lambda: list(STRATEGIES),
                "precision": lambda: list(PRECISIONS), "optimizer": OPTIMIZERS.names,

@@ -39,7 +39,7 @@ from pyro_lvm.report import atomic_write_text, new_figure, payload, write_result
 from pyro_lvm.runtime import DEVICES, cli_threads, threads
 from pyro_lvm.saving import load
 
-from .cli import ArgumentParser, add_config_arguments, run_main
+from .cli import ArgumentParser, add_config_arguments, plain_text, run_main
 from .factor_analysis import FA_MODELS
 
 #: --model FAMILY -> the registered model names whose fits it scores
@@ -286,7 +286,7 @@ def plot_gaps(results: Sequence[dict[str, Any]], path: Path, title: str = "infer
 
 def parse(argv: Sequence[str] | None) -> GapsExperimentConfig:
     """Flags -> a checked config (a bad value: one ``error:`` line, exit status 2)."""
-    p = ArgumentParser(prog="pyro-lvm inference_gaps", description=__doc__,
+    p = ArgumentParser(prog="pyro-lvm inference_gaps", description=plain_text(__doc__ or ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = add_config_arguments(p, GapsExperimentConfig, GapsExperimentConfig(),
                                   choices={"model": FAMILIES.names, "device": lambda: list(DEVICES)})

@@ -28,7 +28,7 @@ from pyro_lvm.runtime import cli_threads
 from pyro_lvm.runtime import threads as runtime_threads
 
 from . import factor_analysis, gaussian_mixture, vae
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, plain_text, run_main
 
 #: section name -> run(seed, output_dir, smoke) -> results payload; ``smoke`` shrinks it to seconds (tests)
 SECTIONS: Registry[Callable[[int, str, bool], dict[str, Any]]] = Registry("quickstart section")
@@ -66,8 +66,8 @@ def gmm_section(seed: int, output: str, smoke: bool) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="pyro-lvm quickstart", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="pyro-lvm quickstart", description=plain_text(__doc__ or ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/quickstart")
     p.add_argument("--sections", default=",".join(SECTIONS.names()),
@@ -83,10 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary, t0 = {}, time.perf_counter()
     for name, section in runs:
         t = time.perf_counter()
+        if not a.quiet:  # a line as each section starts: a log file or a CI job sees the run move
+            print(f"[{time.perf_counter() - t0:5.0f}s] {name}: fitting every guide ...", file=sys.stderr, flush=True)
         with runtime_threads(cli_threads(a.threads)):
             payload = section(a.seed, str(Path(a.output) / name), a.smoke)
         summary[name] = {"seconds": time.perf_counter() - t, "results": f"{a.output}/{name}/results.json"}
-        print(results_table(payload), flush=True)
+        print(results_table(payload, brief=True), flush=True)
     summary["total_seconds"] = time.perf_counter() - t0
     Path(a.output).mkdir(parents=True, exist_ok=True)
     (Path(a.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

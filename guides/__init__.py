@@ -3,7 +3,7 @@
 Importing this package registers every family; ``build_guide("planar:10", model)`` builds one.
 """
 
-from . import amortized, autoguides, flows  # noqa: F401  (registers)
+from . import amortized, autoguides, flows, zuko_flows  # noqa: F401  (registers)
 from .amortized import (
     AmortizedGuide,
     DiagonalGaussianGuide,
@@ -24,10 +24,12 @@ from .registry import (
     register_guide,
     usable_guides,
 )
+from .zuko_flows import ZUKO_FLOWS, ZukoDistribution, ZukoFlowGuide
 
 __all__ = [
     "AmortizedCategorical", "AutoFlowNormal", "GlobalGuide", "FLOWS", "GUIDES", "AmortizedFlowGuide",
     "AmortizedGuide", "DiagonalGaussianGuide",
     "ExactPosteriorGuide", "FullCovGaussianGuide", "GuideConfig", "GuideEntry", "build_guide", "guide_names",
     "parse_guide_spec", "register_guide", "check_guide", "check_guide_belongs", "usable_guides",
+    "ZUKO_FLOWS", "ZukoFlowGuide", "ZukoDistribution",
 ]

@@ -145,7 +145,10 @@ class GlobalGuide(PyroModule):
     def __init__(self, model: LatentModel, factory: AutoGuideFactory, config: GuideConfig, arg: int | None) -> None:
         super().__init__()
         self._model = (model,)  # not a submodule: the model's state is not the guide's
-        self.globals = factory(poutine.block(model, expose=list(model.global_sites)), InitToModelValues(model),
+        # the model's globals alone: ``model.globals_model`` where a model offers one (a wrapped function, whose
+        # local vector has no proper prior to sample from), else the model with every other site hidden
+        source = getattr(model, "globals_model", None) or model
+        self.globals = factory(poutine.block(source, expose=list(model.global_sites)), InitToModelValues(model),
                                config, arg)
         self.assignments = (AmortizedCategorical(model.local_discrete_site, model.data_dim, model.latent_dim, config)
                             if model.local_discrete_site else None)

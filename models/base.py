@@ -57,6 +57,9 @@ class ModelTraits:
     #: every estimator that optimises the right objective for this model, with the reason others are refused
     elbos: tuple[str, ...]
     elbo_note: str = ""
+    #: ``False`` where the sites are only known once the model is built on data (a wrapped function before its
+    #: data are loaded): a guide is then checked for its spelling only, and in full when the model is built
+    structure_known: bool = True
 
 
 class LatentModel(PyroModule):
@@ -82,6 +85,8 @@ class LatentModel(PyroModule):
     global_sites: tuple[str, ...] = ()
     #: name of a per-point discrete site that a guide must propose (``None``: none, or summed out)
     local_discrete_site: str | None = None
+    #: plates nested around any site (the data plate at dim -1 and any others): Pyro's particle plates go left
+    max_plate_nesting: int = 1
     #: name in ``pyro_lvm.evaluate.EVALUATORS`` of the held-out bounds that fit this model
     evaluator: ClassVar[str] = "importance"
     #: whether :meth:`exact_posterior` is implemented

@@ -311,7 +311,10 @@ class VAE(LatentModel):
             self.prior.pseudo_inputs.copy_(x[pick.to(x.device)])
 
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
-        if not torch.jit.is_tracing():  # a plain Pyro loop (SVI + Trace_ELBO) gets the decoder's data check too
+        from pyro_lvm.train import data_checked  # here: pyro_lvm.train imports the models
+
+        # fit checked its data once as they came in; a plain Pyro loop (SVI + Trace_ELBO) gets the check every call
+        if not torch.jit.is_tracing() and not data_checked():
             self.decoder.validate(x, "data")
         prior = self.prior()
         with data_plate(x.shape[0], total_size, x.device):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,94 @@ def _as_tensor(x: object, name: str) -> tuple[torch.Tensor, bool]:
     return torch.as_tensor(a), floating
 
 
+def nonfinite_message(name: str, value: float, row: int, col: int, n_rows: int, total: int, label: str = "") -> str:
+    """The one line :func:`check_matrix` (and the streaming pass of :mod:`pyro_lvm.data`, which never holds the whole
+    matrix) gives for NaN or inf: the first bad value, where it is, and how many of ``total`` rows hold one."""
+    shown = "NaN" if value != value else f"{value}"
+    return (f"{name}: {shown} at row {row}, column {col}{label} (counting from 0); {n_rows} of {total} rows hold NaN "
+            "or inf; drop or impute those rows first (e.g. DataFrame.dropna())")
+
+
+class LazyRows:
+    """A (points x features) matrix whose rows are read only when indexed: the train/valid/test splits of data
+    streamed from a file larger than memory (:class:`pyro_lvm.data.MappedRows`).
+
+    Its values were checked once, in the pass that made it (finite, representable), so :func:`check_matrix`
+    checks its shape and dtype and, from :attr:`bound`, that its values fit the asked dtype (and their squares,
+    for ``finite_square``), without reading it (only a bound too large to rule an overflow out makes it read the
+    rows); ``x[index]`` (an index tensor, array, slice or int) returns those rows as a tensor. Subclasses set
+    ``shape`` (a ``torch.Size``), ``dtype``, ``device`` and ``bound`` (at least the largest magnitude of its
+    values, as float64) and implement :meth:`to`, :meth:`__getitem__` and :meth:`blocks`. A rule on the values
+    themselves (0/1 data, a support) reads them block by block: :func:`row_blocks`."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    bound: float
+
+    def to(self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LazyRows:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def blocks(self) -> Any:
+        """``(first row, float64 array of the next rows)`` pairs, every row once and in order: the values
+        :meth:`__getitem__` returns before their cast to :attr:`dtype`."""
+        raise NotImplementedError
+
+
+def _check_lazy(x: LazyRows, name: str, width: int | None, dtype: torch.dtype | None,
+                device: torch.device | str | None, finite_square: bool) -> LazyRows:
+    """:func:`check_matrix` for rows read on demand: the same checks and messages, from :attr:`LazyRows.bound`
+    (rows are read only to say where a value is that does not fit)."""
+    shape = tuple(x.shape)
+    if shape[0] == 0:
+        raise ValueError(f"{name}: is empty (0 rows, shape {shape})")
+    if width is not None and shape[1] != width:
+        raise ValueError(f"{name}: expected {width} features per point, got {shape[1]} (shape {shape})")
+    if shape[1] == 0:
+        raise ValueError(f"{name}: has no features (0 columns, shape {shape})")
+    target = dtype or x.dtype
+    if not target.is_floating_point:
+        raise ValueError(f"{name}: dtype must be a floating dtype, got {target}")
+    cast = float(torch.tensor(x.bound, dtype=torch.float64).to(target))  # casting is monotone: the largest value's
+    square_limit = math.sqrt(torch.finfo(target).max)
+    if math.isinf(cast) or (finite_square and cast > square_limit):
+        limit = float(torch.finfo(target).max) if math.isinf(cast) else square_limit
+        row = col = -1
+        n_rows = 0
+        for start, a in x.blocks():  # only to say where: the values are known not to fit
+            cast_a = torch.as_tensor(a).to(target).abs()
+            over = (cast_a.isinf() if math.isinf(cast) else cast_a > limit).numpy()
+            rows = np.flatnonzero(over.any(1))
+            if len(rows) and row < 0:
+                row, col = start + int(rows[0]), int(np.flatnonzero(over[rows[0]])[0])
+                value = float(a[rows[0], col])
+            n_rows += len(rows)
+        if n_rows == 0:  # the bound was loose (it holds for every split of the file): every value fits
+            return x.to(dtype=target, device=device)
+        if math.isinf(cast):
+            raise ValueError(f"{name}: {value} at row {row}, column {col} (counting from 0) overflows {target} "
+                             f"({n_rows} rows affected); rescale the data or ask for a wider dtype")
+        raise ValueError(
+            f"{name}: {float(torch.tensor(value, dtype=torch.float64).to(target)):g} at row {row}, column {col} "
+            f"(counting from 0) is too large for {target}: its square overflows, so the model's likelihood would not "
+            f"be finite ({n_rows} of {shape[0]} rows hold such values); standardize or rescale the data")
+    return x.to(dtype=target, device=device)
+
+
+def row_blocks(x: torch.Tensor | LazyRows) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, rows)`` pairs covering ``x`` once, in order: a tensor whole, a :class:`LazyRows` (data streamed
+    from a file) block by block, as its dtype on its device. For a check of every value (0/1 data, a support) that
+    must not hold a streamed split whole: ``for start, xb in row_blocks(x): ...``."""
+    if not isinstance(x, LazyRows):
+        yield 0, x
+        return
+    for start, a in x.blocks():
+        yield start, torch.as_tensor(a, dtype=x.dtype).to(x.device)
+
+
 def _first_bad(x: torch.Tensor) -> tuple[int, int, int, str]:
     """(first bad row, first bad column in it, number of bad rows, "NaN"/"inf"/"-inf") of non-finite ``x``."""
     bad = ~torch.isfinite(x)  # (N, D)
@@ -119,7 +208,12 @@ def check_matrix(
     (``1e300`` cast to float32) are refused; ``finite_square=True`` (the models' :meth:`validate`) also refuses
     values whose square overflows ``dtype`` (above about 1.8e19 in float32, 1.3e154 in float64), since no
     Gaussian likelihood of them is finite.
+
+    A :class:`LazyRows` (splits streamed from a file larger than memory) passes the same checks without being read,
+    from the bound its streaming pass recorded, and comes back as a :class:`LazyRows` of ``dtype`` on ``device``.
     """
+    if isinstance(x, LazyRows):
+        return _check_lazy(x, name, width, dtype, device, finite_square)  # type: ignore[return-value]
     columns = list(x.columns) if is_dataframe(x) else None
     t, floating = _as_tensor(x, name)
     if t.dim() != 2:
@@ -135,12 +229,9 @@ def check_matrix(
         raise ValueError(f"{name}: dtype must be a floating dtype, got {target}")
 
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        row, col, n_rows, value = _first_bad(t)
+        row, col, n_rows, _ = _first_bad(t)
         label = f" ({columns[col]!r})" if columns is not None else ""
-        raise ValueError(
-            f"{name}: {value} at row {row}, column {col}{label} (counting from 0); {n_rows} of {t.shape[0]} rows "
-            "hold NaN or inf; drop or impute those rows first (e.g. DataFrame.dropna())"
-        )
+        raise ValueError(nonfinite_message(name, float(t[row, col]), row, col, n_rows, t.shape[0], label))
     out = t.to(device=device, dtype=target) if device is not None else t.to(dtype=target)
     if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):  # finite before the cast: it overflowed
         row, col, n_rows, _ = _first_bad(out)
@@ -163,4 +254,4 @@ def check_matrix(
     return out
 
 
-__all__ = ["check_matrix", "is_dataframe", "one_line"]
+__all__ = ["LazyRows", "check_matrix", "is_dataframe", "nonfinite_message", "one_line", "row_blocks"]

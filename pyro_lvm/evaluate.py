@@ -45,7 +45,7 @@ from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_lvm.config import check_config
-from pyro_lvm.models.base import LatentModel
+from pyro_lvm.models.base import DATA_PLATE, LatentModel
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded, threads
 
@@ -60,13 +60,16 @@ class EvalConfig:
     active_threshold: float = 0.01
     #: draws θ ~ q(θ) of global latents, for models that have them (posterior predictive, expected bounds)
     posterior_samples: int = 100
+    #: draws θ_s ~ q(θ) over which a model with per-point and global latents averages its per-point bounds
+    #: (each draw costs one importance pass over the points; 1 for a point mass)
+    global_draws: int = 10
     #: fixes the evaluation's samples without touching the caller's RNG (``None``: draw from the caller's RNG)
     seed: int | None = None
     #: torch threads during evaluation (``None``: leave the caller's setting)
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        check_config(self, positive_int=("iwae_k", "max_rows", "posterior_samples", "threads"),
+        check_config(self, positive_int=("iwae_k", "max_rows", "posterior_samples", "global_draws", "threads"),
                      nonneg=("active_threshold",))
 
 
@@ -104,7 +107,8 @@ def importance_traces(model: LatentModel, guide: Any, x: torch.Tensor, num_sampl
     The draws sit in a particle plate at dim -2, left of the shared data plate (dim -1), so every site
     has batch shape (S, N). Run it with the model's and guide's parameters local (as :func:`log_weight_terms`).
     """
-    with pyro.plate("particles", num_samples, dim=-2):
+    # left of every plate of the model (a global site's own plates included), so draws never collide with them
+    with pyro.plate("particles", num_samples, dim=-1 - getattr(model, "max_plate_nesting", 1)):
         guide_tr = poutine.trace(guide).get_trace(x)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x)
     return guide_tr, model_tr
@@ -131,15 +135,31 @@ def trace_terms(model: LatentModel, guide_tr: Any, model_tr: Any, shape: tuple[i
         for site in tr.nodes.values():
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
+            if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                # not a per-point term: a global held at a draw of q(θ) (conditioned: observed) is the same for
+                # every point, and a global latent drawn here would be counted once per point (its prior N times)
+                if site["is_observed"]:
+                    continue
+                raise ValueError(f"site {site['name']!r} is a global latent (outside the data plate): per-point "
+                                 "bounds hold it at draws of q(θ) (importance_bounds), not at draws per point")
             lp = site["fn"].log_prob(site["value"])
             # a wrapped function's local sites are scored as observed (z = T(u)) but are latents: log p(z)
             local = site["infer"].get("pyro_lvm_local", False)
             key = observed_key if site["is_observed"] and not local else latent_key
             if key is None:
                 raise ValueError(f"guide has an observed site {site['name']!r}")
-            out[key] = out[key] + lp.expand(shape)
-    out["z"] = guide_tr.nodes[model.local_site]["value"].expand(shape + (model.latent_dim,))
+            out[key] = out[key] + _draws_by_points(lp, 0).expand(shape)
+    out["z"] = _draws_by_points(guide_tr.nodes[model.local_site]["value"], 1).expand(shape + (model.latent_dim,))
     return out
+
+
+def _draws_by_points(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """(S, 1, ..., 1, N, *event) -> (S, N, *event): the size-1 dims of plates between the particle plate and the
+    data plate (a model whose globals sit in plates of their own) dropped."""
+    batch = t.dim() - event_dims
+    if batch <= 2:
+        return t
+    return t.reshape(t.shape[:1] + t.shape[batch - 1:])
 
 
 #: fewest importance samples per point for a Pareto k̂: ArviZ fits the tail to the largest
@@ -350,7 +370,23 @@ def pareto_k_summary(pareto_k: torch.Tensor | None, num_samples: int) -> dict[st
 
 @EVALUATORS.register("importance")
 def importance_bounds(model: LatentModel, guide: Any, x: torch.Tensor, config: EvalConfig) -> dict[str, torch.Tensor]:
-    return per_point_bounds(model, guide, x, config.iwae_k, config.max_rows)
+    r""":func:`per_point_bounds`; for a model that also has global latent sites θ (guided by a ``LOCAL+GLOBAL``
+    pair), bounds on log p(x_n | θ_s) averaged over S = ``global_draws`` draws θ_s ~ q(θ) (one for a point mass):
+    ELBO_n = (1/S) Σ_s E_q(z|x_n)[log p(x_n, z | θ_s) − log q(z|x_n)], IWAE-K likewise. Their target is
+    (1/S) Σ_s log p(x_n | θ_s); the prior log p(θ) is no per-point term. Each point's k̂ is its largest over the
+    draws (the local guide is trusted at a point only if it is under every θ_s)."""
+    global_sites = tuple(getattr(model, "global_sites", ()))
+    if not global_sites or getattr(model, "evaluator", "importance") != "importance":
+        return per_point_bounds(model, guide, x, config.iwae_k, config.max_rows)
+    local = getattr(guide, "local", guide)
+    runs = []
+    for _ in range(1 if guide.is_point_mass else config.global_draws):
+        theta = guide.sample_globals(x)
+        with poutine.condition(data=theta):
+            runs.append(per_point_bounds(model, local, x, config.iwae_k, config.max_rows))
+    out = {k: torch.stack([r[k] for r in runs]).mean(0) for k in runs[0] if k != "pareto_k"}
+    out["pareto_k"] = torch.stack([r["pareto_k"] for r in runs]).amax(0)
+    return out
 
 
 @EVALUATORS.register("mixture")

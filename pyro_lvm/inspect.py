@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 
 from pyro_lvm.evaluate import PARETO_K_THRESHOLD, importance_traces, psis, trace_terms
-from pyro_lvm.models.base import LatentModel
+from pyro_lvm.models.base import DATA_PLATE, LatentModel
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded
 
@@ -72,26 +73,48 @@ def local_latent_draws(model: LatentModel, guide: Any, x: torch.Tensor, num_samp
     z = np.empty((num_samples, n, k), dtype)
     x_rep = np.empty((num_samples, n, d), dtype)
     log_lik, log_p, log_q = (np.empty((num_samples, n), dtype) for _ in range(3))
+    global_sites = tuple(getattr(model, "global_sites", ()))
+    theta_draws: dict[str, list[np.ndarray]] = {}
     points = max(1, min(n, MAX_ROWS // num_samples))
-    samples = max(1, min(num_samples, MAX_ROWS // points))
-    for p0 in range(0, n, points):
+    # with global latents each draw s is a joint one: θ_s ~ q(θ), then z_{s,n} ~ q(z|x_n) scored at θ_s
+    samples = 1 if global_sites else max(1, min(num_samples, MAX_ROWS // points))
+    local = getattr(guide, "local", guide)
+
+    def fill(s0: int, s: int, p0: int) -> None:
         xb = x[p0:p0 + points]
         p1 = p0 + xb.shape[0]
-        for s0 in range(0, num_samples, samples):
-            s = min(samples, num_samples - s0)
-            guide_tr, model_tr = importance_traces(model, guide, xb, s)
-            t = trace_terms(model, guide_tr, model_tr, (s, xb.shape[0]))
-            z[s0:s0 + s, p0:p1] = _np(t["z"])
-            log_lik[s0:s0 + s, p0:p1] = _np(t["log_lik"])
-            log_p[s0:s0 + s, p0:p1] = _np(t["log_lik"] + t["log_prior"])
-            log_q[s0:s0 + s, p0:p1] = _np(t["log_q"])
-            x_rep[s0:s0 + s, p0:p1] = _np(_replicate(model_tr, (s, xb.shape[0], d)))
+        guide_tr, model_tr = importance_traces(model, local, xb, s)
+        t = trace_terms(model, guide_tr, model_tr, (s, xb.shape[0]))
+        z[s0:s0 + s, p0:p1] = _np(t["z"])
+        log_lik[s0:s0 + s, p0:p1] = _np(t["log_lik"])
+        log_p[s0:s0 + s, p0:p1] = _np(t["log_lik"] + t["log_prior"])
+        log_q[s0:s0 + s, p0:p1] = _np(t["log_q"])
+        x_rep[s0:s0 + s, p0:p1] = _np(_replicate(model_tr, (s, xb.shape[0], d)))
+
+    if global_sites:
+        for s0 in range(num_samples):
+            theta = guide.sample_globals(x)
+            for name, v in theta.items():
+                theta_draws.setdefault(name, []).append(_np(v))
+            with poutine.condition(data=theta):
+                for p0 in range(0, n, points):
+                    fill(s0, 1, p0)
+    else:
+        for p0 in range(0, n, points):
+            for s0 in range(0, num_samples, samples):
+                fill(s0, min(samples, num_samples - s0), p0)
     if hasattr(model, "unpack_draws"):  # a wrapped function: each local site under its name, in its support
         posterior, dims = model.unpack_draws(z)
     else:
         posterior, dims = {model.local_site: z}, {model.local_site: ["point", "latent"]}
-    return Draws(posterior, dims, x_rep, log_lik, log_p, log_q,
-                 note="z ~ q(z|x); x_rep ~ p(x|z) at each draw of z; log_likelihood = log p(x|z)")
+    for name, values in theta_draws.items():  # each global under its own name, its dims named after it
+        posterior[name] = np.stack(values)
+        dims[name] = [f"{name}_dim_{i}" for i in range(posterior[name].ndim - 1)]
+    note = "z ~ q(z|x); x_rep ~ p(x|z) at each draw of z; log_likelihood = log p(x|z)"
+    if global_sites:
+        note = ("theta ~ q(theta), then z ~ q(z|x) at each draw; x_rep ~ p(x|z,theta); "
+                "log_likelihood = log p(x|z,theta)")
+    return Draws(posterior, dims, x_rep, log_lik, log_p, log_q, note=note)
 
 
 @INSPECTORS.register("mixture")
@@ -287,10 +310,12 @@ def psis_means(draws: Draws, smoothed: torch.Tensor,
 def _replicate(model_tr: Any, shape: tuple[int, int, int]) -> torch.Tensor:
     """One draw from the model's observed site's distribution p(x | z) in a trace, shape (S, N, D)."""
     observed = [site for site in model_tr.nodes.values() if site["type"] == "sample" and site["is_observed"]
-                and not site["infer"].get("pyro_lvm_local", False)]  # a wrapped function's latents: not data
+                and not site["infer"].get("pyro_lvm_local", False)  # a wrapped function's latents: not data
+                and any(f.name == DATA_PLATE for f in site["cond_indep_stack"])]  # a global held at a draw: not data
     if len(observed) != 1:
         raise ValueError(f"to_inference_data: expected one observed site, found {[s['name'] for s in observed]}")
-    return observed[0]["fn"].sample().expand(shape)
+    value = observed[0]["fn"].sample()
+    return value.reshape(value.shape[:1] + value.shape[-2:]).expand(shape) if value.dim() > 3 else value.expand(shape)
 
 
 @contextlib.contextmanager

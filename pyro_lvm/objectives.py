@@ -44,16 +44,18 @@ early stopping and the restored best state follow the bound that is trained.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import detach
+from pyro.distributions.util import detach, is_identically_zero
 from pyro.infer import ELBO
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pyro_lvm.models.base import DATA_PLATE, ModelTraits
 from pyro_lvm.registry import Registry, split_spec
@@ -183,4 +185,215 @@ def objective_problem(traits: ModelTraits, spec: str, elbo: str | None, num_part
     return None
 
 
-__all__ = ["OBJECTIVES", "IWAELoss", "Objective", "objective_problem", "parse_objective"]
+# ---------------------------------------------------------------------------------------------- the traced step
+_LOG = logging.getLogger("pyro_lvm.train")
+
+
+class TraceUnsupported(RuntimeError):
+    """The traced loss cannot stand in for Pyro's on this model and guide (the message says why)."""
+
+
+def reparameterized_elbo_loss(elbo: ELBO, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                              **kwargs: Any) -> torch.Tensor:
+    """−ELBO, ``Trace_ELBO``'s differentiable loss for a model and guide whose latent sites are all reparameterised,
+    computed without Pyro's host reads (``.item()``) and NaN checks so that it can be traced into a graph.
+
+    Its gradient is ``Trace_ELBO.differentiable_loss``'s, operation for operation (the same surrogate: the model's
+    ``log_prob_sum`` per site, minus the guide's entropy terms, over ``num_particles``); its value is the ELBO's
+    summed in the tensors' dtype where Pyro's adds the per-site sums as Python floats, so the two can differ in the
+    last bits. A guide site with a score-function term (discrete, or not reparameterised) raises
+    :class:`TraceUnsupported`: Pyro's estimator adds terms for it that this loss does not."""
+    surrogate: torch.Tensor | float = 0.0
+    for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
+        particle: torch.Tensor | float = 0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                particle = particle + site["log_prob_sum"]
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample":
+                _, score_function_term, entropy_term = site["score_parts"]
+                if not is_identically_zero(score_function_term):
+                    raise TraceUnsupported(f"the guide's site {name!r} is not reparameterised (discrete, or without "
+                                           "rsample): its score-function term needs Pyro's Trace_ELBO")
+                if not is_identically_zero(entropy_term):
+                    particle = particle - entropy_term.sum()
+        surrogate = surrogate + (-particle) / elbo.num_particles
+    if not isinstance(surrogate, torch.Tensor):
+        raise TraceUnsupported("the model and guide have no sample sites")
+    return surrogate
+
+
+class _Bound(torch.nn.Module):
+    """``loss(*args, **kwargs)`` as the forward of a module that holds ``owner``, so that
+    :func:`torch.func.functional_call` can run it on stand-in parameters."""
+
+    def __init__(self, owner: torch.nn.Module, loss: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.owner, self._loss = owner, loss
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._loss(*args, **kwargs)
+
+
+class TracedLoss:
+    """A loss over the parameters and buffers of ``owner``, run as a recorded graph of tensor operations.
+
+    ``loss(*args, **kwargs)`` (Python: Pyro's messengers, traces and distributions) is traced once per input
+    signature -- the shapes, dtypes and devices of the tensor arguments, the values of the others, grad mode and
+    ``owner.training`` -- into an FX graph of ATen operations (``torch.fx.experimental.proxy_tensor.make_fx`` on fake
+    tensors: no data are read while tracing), and every later call with that signature replays the graph on the real
+    parameters; autograd differentiates the replay as it would the Python. Random draws are operations of the graph,
+    so a replay draws from torch's generator exactly as the Python would: the same RNG stream, the same draws.
+
+    Tracing refuses, with :class:`TraceUnsupported`, what a graph cannot hold: Python branching on tensor values
+    (``bool(t)``, ``t.item()``), reading data to NumPy, tensors that are neither inputs nor the owner's state. The
+    first call of each signature is also run through ``reference`` (Pyro's own loss, with Pyro's checks) on the same
+    random state, and the two losses and gradients must agree (else :class:`TraceUnsupported`): a model whose Python
+    draws from another generator or whose graph changes in a way the tracer cannot see is caught there. What no
+    check can see is a model whose Python behaves differently on later calls (a call counter, say): such a model must
+    be trained with the traced step off.
+
+    ``compile=True`` hands each graph to ``torch.compile`` (Inductor, its own random draws replaced by torch's so the
+    stream stays the same): fused kernels for forward and backward, at a compile cost of seconds per signature."""
+
+    #: relative agreement asked of the traced loss and gradients with the reference's (they are usually bit-equal)
+    RTOL = 1e-5
+
+    def __init__(self, owner: torch.nn.Module, loss: Callable[..., torch.Tensor],
+                 reference: Callable[..., torch.Tensor] | None = None, *, compile: bool = False) -> None:
+        self.owner, self.reference, self.compile = owner, reference, compile
+        self._bound = _Bound(owner, loss)
+        self._graphs: dict[Any, Callable[..., torch.Tensor]] = {}
+        self._state: tuple[list[str], list[torch.Tensor]] | None = None
+        #: signatures traced so far, and seconds spent tracing (and checking) them
+        self.traces, self.trace_seconds = 0, 0.0
+        #: what went differently than asked (a compiler failure), else ""
+        self.note = ""
+
+    def refresh(self) -> None:
+        """Read the owner's parameters and buffers again (after they were replaced rather than updated in place)."""
+        self._state = None
+
+    def _owner_state(self) -> tuple[list[str], list[torch.Tensor]]:
+        if self._state is None:
+            named = {**dict(self._bound.named_parameters()), **dict(self._bound.named_buffers())}
+            self._state = (list(named), list(named.values()))
+        return self._state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+        key = (spec, tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else ("value", t)
+                           for t in leaves), torch.is_grad_enabled(), self.owner.training)
+        graph = self._graphs.get(key)
+        if graph is None:
+            return self._first_call(key, leaves, spec, args, kwargs)
+        return graph(self._owner_state()[1], tensors)
+
+    def _first_call(self, key: Any, leaves: list[Any], spec: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> torch.Tensor:
+        import time
+
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        t0 = time.perf_counter()
+        names, state = self._owner_state()
+        where = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        bound = self._bound
+
+        def run(state: list[torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
+            full = list(leaves)
+            for i, t in zip(where, tensors, strict=True):
+                full[i] = t
+            a, k = tree_unflatten(full, spec)
+            return torch.func.functional_call(bound, dict(zip(names, state, strict=True)), a, k)
+
+        rng = _RandomState([leaves[i] for i in where] + state)
+        try:
+            with pyro.validation_enabled(False):  # argument checks read values; the reference below runs them
+                graph = make_fx(run, tracing_mode="fake")(state, [leaves[i] for i in where])
+        except TraceUnsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the tracer cannot hold: said, and the caller falls back
+            raise TraceUnsupported(f"the model cannot be traced ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:160]})") from e
+        finally:
+            rng.restore()  # tracing draws nothing, but the stream must not depend on it
+        # operations whose results nothing reads (Pyro's bookkeeping: index ranges, detached copies); random draws
+        # and in-place operations count as used, so the replay's draws stay Pyro's
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        tensors = [leaves[i] for i in where]
+        if self.compile:
+            compiled = torch.compile(graph, dynamic=False, options={"fallback_random": True})
+            try:
+                loss = self._first_run(compiled, state, tensors, args, kwargs, rng)
+                graph = compiled
+            except TraceUnsupported:
+                raise
+            except Exception as e:  # noqa: BLE001 - a compiler failure: the traced graph runs as it is
+                self.compile = False
+                self.note = f"torch.compile failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                _LOG.info("fit: %s; the traced graph runs uncompiled", self.note)
+                loss = self._first_run(graph, state, tensors, args, kwargs, rng)
+        else:
+            loss = self._first_run(graph, state, tensors, args, kwargs, rng)
+        self._graphs[key] = graph
+        self.traces += 1
+        self.trace_seconds += time.perf_counter() - t0
+        return loss
+
+    def _first_run(self, graph: Callable[..., torch.Tensor], state: list[torch.Tensor], tensors: list[torch.Tensor],
+                   args: tuple[Any, ...], kwargs: dict[str, Any], rng: _RandomState) -> torch.Tensor:
+        """The graph's loss on its first call, from the random state ``rng``: after the reference (Pyro's loss) was
+        run on the same random state and agreed with it, where there is a reference."""
+        rng.restore()
+        if self.reference is None:
+            return graph(state, tensors)
+        params = [t for t in state if t.requires_grad] if torch.is_grad_enabled() else []
+        expected = self.reference(*args, **kwargs)
+        want = torch.autograd.grad(expected, params, allow_unused=True) if params and expected.requires_grad else []
+        rng.restore()  # the replay draws what the reference drew, and leaves the stream where it did
+        loss = graph(state, tensors)
+        got = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True) \
+            if params and loss.requires_grad else []
+        problem = _disagreement(expected.detach(), loss.detach(), want, got, self.RTOL)
+        if problem:
+            raise TraceUnsupported(f"the traced loss disagrees with Pyro's ({problem})")
+        return loss
+
+
+class _RandomState:
+    """The state of torch's generators that draws on ``tensors``' devices may use (the CPU's, and each CUDA
+    device's), to be put back."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda = {t.device for t in tensors if t.device.type == "cuda"}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in cuda}
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, d)
+
+
+def _disagreement(expected: torch.Tensor, loss: torch.Tensor, want: Sequence[torch.Tensor | None],
+                  got: Sequence[torch.Tensor | None], rtol: float) -> str:
+    """What differs between a reference loss and gradients and a traced one, or ``""``."""
+    if expected.shape != loss.shape or not torch.allclose(loss, expected, rtol=rtol, atol=rtol, equal_nan=True):
+        return f"loss {expected.tolist()} against {loss.tolist()}"
+    if len(want) != len(got):
+        return "a different set of gradients"
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if (a is None) != (b is None):
+            return f"gradient {i} is missing on one side"
+        if a is not None and b is not None:
+            scale = float(a.detach().abs().max()) if a.numel() else 0.0
+            if not torch.allclose(b, a, rtol=rtol, atol=rtol * max(scale, 1e-12), equal_nan=True):
+                return f"gradient {i} differs by up to {float((a - b).abs().max()):.3g}"
+    return ""
+
+
+__all__ = ["OBJECTIVES", "IWAELoss", "Objective", "TraceUnsupported", "TracedLoss", "objective_problem",
+           "parse_objective", "reparameterized_elbo_loss"]

@@ -41,9 +41,10 @@ from lightning.pytorch.profilers import PassThroughProfiler
 from pyro.infer import ELBO
 
 from .evaluate import EvalConfig, bounds
+from .objectives import TracedLoss, TraceUnsupported, reparameterized_elbo_loss
 from .report import atomic_write
 from .saving import atomic_torch_save
-from .train import AnnealLatents, TrainingError
+from .train import STEP_LOG, AnnealLatents, TrainingError
 
 
 # ---------------------------------------------------------------------------------------------- objective
@@ -103,6 +104,15 @@ class SVIPlan(pl.LightningModule):
         self._vsum = self._vcount = None
         self._t0 = self._t_step = self._tv = 0.0
         self._train_seconds_before = 0.0  # time of the epochs done before a resume
+        #: the training loss as a traced graph (:meth:`use_traced_step`), ``None``: Pyro's ELBO module each step
+        self.traced: TracedLoss | None = None
+        #: how the steps ran: ``traced`` (or ``compiled``) or ``eager``, and why the traced step was not used
+        self.step_kind, self.step_note = "eager", ""
+        self._beta_tensor: torch.Tensor | None = None
+        # the step without Lightning's backward and optimiser wrappers (single process, plain precision, no callback
+        # on the backward or optimiser hooks): decided when training starts
+        self._direct = False
+        self._guard: DivergenceGuard | None = None
 
     def set_trainable(self, params: list[torch.Tensor], lr_gamma: float | None = None) -> None:
         """Optimise ``params``; ``lr_gamma`` is the per-epoch factor of an exponential learning-rate decay
@@ -112,6 +122,42 @@ class SVIPlan(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``-ELBO(x) / N``, the per-point training loss (the plate scales the minibatch to ``N`` points)."""
         return self.loss(x, total_size=self.total_size, beta=self.beta) / self.total_size
+
+    def use_traced_step(self, compile: bool = False) -> None:
+        """Train on the traced loss (:class:`~pyro_lvm.objectives.TracedLoss`): ``Trace_ELBO``'s loss and gradient for
+        reparameterised sites, traced once per minibatch shape and replayed; the first step of each shape is checked
+        against Pyro's. The KL warm-up weight is an input of the graph (one trace serves every epoch of warm-up).
+        Where tracing fails, training goes on with Pyro's loss and says why once (``step_note``)."""
+        elbo, model, guide = self.loss.elbo, self.loss.model, self.loss.guide
+        total = self.total_size
+
+        def traced(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+            return reparameterized_elbo_loss(elbo, model, guide, x, total_size=total, beta=beta) / total
+
+        def reference(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+            return self.loss(x, total_size=total, beta=beta) / total
+
+        self.traced = TracedLoss(self, traced, reference, compile=compile)
+        self.step_kind, self.step_note = ("compiled" if compile else "traced"), ""
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The minibatch's training loss, as :meth:`forward`, through the traced graph where there is one."""
+        if self.traced is not None and torch.is_grad_enabled():
+            try:
+                return self.traced(x, self._beta())
+            except TraceUnsupported as e:
+                self.traced, self.step_kind, self.step_note = None, "eager", str(e)
+                STEP_LOG.info("fit: %s; training with Pyro's Trace_ELBO step instead", e)
+        return self(x)
+
+    def _beta(self) -> torch.Tensor:
+        """The warm-up weight as a 0-d tensor (an input of the traced graph), made once per value."""
+        b = self._beta_tensor
+        if b is None or float(b) != self.beta:
+            like = next(iter(self._params), None)
+            b = self._beta_tensor = torch.tensor(self.beta, dtype=like.dtype if like is not None else None,
+                                                 device=self.device)
+        return b
 
     def configure_optimizers(self) -> Any:
         if not self._params:
@@ -133,6 +179,33 @@ class SVIPlan(pl.LightningModule):
         if self.trainer.world_size > 1:
             base = int(torch.randint(2**62, ()).item())
             torch.manual_seed(base + self.trainer.global_rank)
+        self._direct = self._can_step_directly()
+        if self.traced is not None:
+            self.traced.refresh()  # Lightning may have moved the parameters (and resumed them) since
+
+    #: hooks that Lightning's backward and optimiser wrappers run; a callback on any of them keeps those wrappers
+    _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+    def _can_step_directly(self) -> bool:
+        """Whether :meth:`training_step` may call backward, clipping and the optimiser itself: one process, a plain
+        precision (no scaler, no autocast), and no hook of its own or of a callback's on those steps except the
+        divergence guard's, which the step runs itself."""
+        from lightning.pytorch.plugins.precision import DoublePrecision, Precision
+
+        trainer = self.trainer
+        if trainer.world_size > 1 or type(trainer.precision_plugin) not in (Precision, DoublePrecision):
+            return False
+        if any(getattr(type(self), hook) is not getattr(pl.LightningModule, hook) for hook in self._STEP_HOOKS):
+            return False
+        for cb in trainer.callbacks:
+            if isinstance(cb, DivergenceGuard):
+                if type(cb).on_before_backward is not DivergenceGuard.on_before_backward:
+                    return False
+                continue
+            if any(getattr(type(cb), hook) is not getattr(Callback, hook) for hook in self._STEP_HOOKS):
+                return False
+        self._guard = next((cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard)), None)
+        return True
 
     def on_train_epoch_start(self) -> None:
         # callbacks ran first: KLWarmup has set this epoch's beta
@@ -146,8 +219,19 @@ class SVIPlan(pl.LightningModule):
                 self._record(self(batch), batch)
             return
         optim = self.optimizers()
-        loss = self(batch)
+        loss = self.training_loss(batch)
         self._record(loss, batch)
+        if self._direct:  # what the wrappers below do on one process, without their dispatch through hooks
+            if self._guard is not None:
+                self._guard.on_before_backward(self.trainer, self, loss)
+            optim.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip_norm:
+                clip_grad_norm(self._params, self.clip_norm)
+            optim._on_before_step()  # the loop's step count (global_step, max_steps), as LightningOptimizer.step
+            optim.optimizer.step()
+            optim._on_after_step()
+            return
         optim.zero_grad(set_to_none=True)
         self.manual_backward(loss)  # DivergenceGuard's on_before_backward checks the loss first
         if self.clip_norm:
@@ -169,15 +253,16 @@ class SVIPlan(pl.LightningModule):
         self._t_step = now
 
     def on_train_epoch_end(self) -> None:
-        sums = torch.tensor([self._sum, self._count], dtype=torch.float64, device=self.device)
-        total, count = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        self.row["train_loss"] = (total / count).item()
+        if self.trainer.world_size > 1:
+            sums = torch.tensor([self._sum, self._count], dtype=torch.float64, device=self.device)
+            total, count = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            self.row["train_loss"] = (total / count).item()
+        else:  # the same float64 division
+            self.row["train_loss"] = self._sum / self._count
         self.row["seconds"] = self._train_seconds_before + time.perf_counter() - self._t0
         self.history.append(self.row)
-        # only what the callbacks watch goes through Lightning's logging (each logged value costs its result
-        # collection a walk per epoch: 4 ms an epoch for eight values, which a full-batch fit of a small model pays
-        # a thousand times); the whole row is in the history and metrics.csv
-        self.log("train_elbo", -self.row["train_loss"], on_epoch=True, sync_dist=False)
+        # only what the callbacks watch is published to them; the whole row is in the history and metrics.csv
+        self._publish("train_elbo", -self.row["train_loss"])
         decay = self.lr_schedulers() if self._params else None
         if decay is not None:  # once per epoch, after its validation (manual optimisation steps it here)
             decay.step()
@@ -198,7 +283,16 @@ class SVIPlan(pl.LightningModule):
         total, count = self.trainer.strategy.reduce(sums, reduce_op="sum")
         self.row[self.monitor] = (total / count).item()
         self.row["valid_seconds"] = time.perf_counter() - self._tv
-        self.log(self.monitor, self.row[self.monitor], on_epoch=True, sync_dist=False)
+        self._publish(self.monitor, self.row[self.monitor])
+
+    def _publish(self, name: str, value: float) -> None:
+        """``value`` as ``trainer.callback_metrics[name]``, where checkpoints and early stopping read it: what
+        ``self.log(name, value, on_epoch=True)`` leaves there (a 0-d tensor of the default float dtype, float32 at
+        least, reduced over one value), without the result collection that ``self.log`` keeps, which costs a
+        full-batch fit of a small model some milliseconds per epoch, a thousand times over."""
+        dtype = torch.get_default_dtype()
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        self.trainer.callback_metrics[name] = torch.tensor(value, dtype=dtype, device=self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -359,6 +453,10 @@ class DivergenceGuard(Callback):
     def on_before_backward(self, trainer: pl.Trainer, plan: SVIPlan, loss: torch.Tensor) -> None:
         value = plan.last_loss  # this loss, already read to a float by the plan
         if not math.isfinite(value):
+            bad = nonfinite_parameters(plan)  # the loss is non-finite because the parameters are: say that
+            if bad:
+                raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) before {where(trainer)}; "
+                                    f"the previous step diverged{kept(trainer)}")
             raise TrainingError(f"loss became {value} at {where(trainer)}{kept(trainer)}")
         if self.best < math.inf and value > self.best + self.EXPLOSION * max(abs(self.best), 1.0):
             raise TrainingError(f"loss diverged at {where(trainer)}: {value:.4g} nats per point against a best of "
@@ -368,6 +466,10 @@ class DivergenceGuard(Callback):
         self.best = min(self.best, value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        # one pass over every parameter (the largest magnitude: NaN where any entry is NaN, and NaN <= x is False);
+        # the names are looked up only when something is wrong
+        if all(float(p.detach().abs().max()) <= self.MAX_PARAMETER for p in plan.parameters() if p.numel()):
+            return
         bad = nonfinite_parameters(plan)
         if bad:
             raise TrainingError(f"parameters became non-finite ({', '.join(bad[:3])}) by the end of epoch "
@@ -613,6 +715,18 @@ def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``, the same numbers, without its pass over every gradient
+    when there is nothing to clip (the scale ``max_norm / (norm + 1e-6)`` clamped to 1 multiplies by exactly 1)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if bool(max_norm / (norm + 1e-6) >= 1.0):  # NaN: not >= 1, so scaled as torch does
+        return
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 def rng_states() -> dict[str, Any]:
     """Every global RNG's state, as tensors and plain values (so ``torch.load(weights_only=True)`` reads them)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -635,6 +749,8 @@ def set_rng_states(state: dict[str, Any]) -> None:
 
 def fingerprint(x: torch.Tensor) -> dict[str, Any]:
     """Shape, dtype and BLAKE2b digest of a tensor's values: a resumed fit must see the same data."""
+    if hasattr(x, "fingerprint"):  # data streamed from a file (pyro_lvm.data.MappedRows): the same digest, by blocks
+        return x.fingerprint()
     arr = x.detach().cpu().contiguous().numpy()
     return {"shape": list(arr.shape), "dtype": str(arr.dtype), "blake2b": hashlib.blake2b(arr.data).hexdigest()}
 

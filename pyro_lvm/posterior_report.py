@@ -69,15 +69,16 @@ class Focus:
     """The few latents a summary or figure shows: variables, and the leading entries kept of each dim."""
 
     var_names: tuple[str, ...]
-    #: dim -> how many of its leading entries are kept (dims not named are kept whole)
-    keep: dict[str, int] = field(default_factory=dict)
+    #: dim -> how many of its leading entries are kept, or which entries (dims not named are kept whole)
+    keep: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
     #: whether the variables are per-point (local) latents
     local: bool = True
 
     def select(self, posterior: Any) -> Any:
         """``posterior`` (an xarray Dataset with chain and draw dims) cut to the focus."""
         sub = posterior[list(self.var_names)]
-        return sub.isel({d: slice(0, n) for d, n in self.keep.items() if d in sub.dims})
+        return sub.isel({d: slice(0, n) if isinstance(n, int) else list(n)
+                         for d, n in self.keep.items() if d in sub.dims})
 
 
 def _is_local(da: Any) -> bool:
@@ -93,8 +94,9 @@ def focus_of(posterior: Any, *, points: int = FOCUS_POINTS, latents: int = FOCUS
     their numbers per draw add up to at most ``budget``; a first variable larger than ``budget`` is cut to
     the leading entries of its dims (each dim keeps at most ``budget`` / (what the dims before it keep)).
     Otherwise its continuous local latents (float, first dim ``point``: ``z``): every such variable, its first
-    ``points`` points and the first ``latents`` entries of each further dim. Raises ``ValueError`` when the
-    posterior has neither.
+    ``points`` points and, of its first latent dim, the ``latents`` most active entries (largest variance over the
+    inspected points of their posterior means: a VAE's 40 latents are mostly inactive, and latents 0–3 may all be),
+    of any further dim the first ``latents``. Raises ``ValueError`` when the posterior has neither.
     """
     names = list(posterior.data_vars)
     glob = [v for v in names if "point" not in posterior[v].dims]
@@ -102,9 +104,14 @@ def focus_of(posterior: Any, *, points: int = FOCUS_POINTS, latents: int = FOCUS
         local = [v for v in names if _is_local(posterior[v])]
         if not local:
             raise ValueError(f"posterior: no global or continuous local latent to show among {names}")
-        keep = {"point": points}
+        keep: dict[str, int | tuple[int, ...]] = {"point": points}
         for v in local:
-            keep.update({d: latents for d in posterior[v].dims[3:]})
+            dims = posterior[v].dims[3:]
+            keep.update({d: latents for d in dims})
+            if dims and posterior.sizes[dims[0]] > latents:
+                means = posterior[v].mean(("chain", "draw"))  # (point, dim0, ...)
+                activity = means.var("point").values.reshape(posterior.sizes[dims[0]], -1).max(-1)
+                keep[dims[0]] = tuple(int(i) for i in np.argsort(-activity, kind="stable")[:latents])
         return Focus(tuple(local), keep, local=True)
     size = {v: math.prod(posterior[v].shape[2:]) for v in glob}
     chosen: list[str] = []
@@ -289,9 +296,14 @@ def _title(prefix: str, what: str) -> str:
     return f"{prefix}: {what}" if prefix else what
 
 
-def plot_posterior(idata: Any, path: str | Path, title: str = "") -> Path:
+def plot_posterior(idata: Any, path: str | Path, title: str = "", exact: Any = None) -> Path:
     """``az.plot_posterior`` (density, mean, 94% HDI) of the focus: 3 points × 2 latent dims, or the globals
-    (the mixture: its weights). A point-mass guide (every draw equal) gets its values instead."""
+    (the mixture: its weights). A point-mass guide (every draw equal) gets its values instead.
+
+    What to compare against, where there is something: each point's panel is titled with its k̂, in red above
+    0.7 (the guide is not to be trusted there); ``exact`` (the model's exact posterior p(z | x) of the inspected
+    points, a distribution with batch (points,) and event (latents,): factor analysis) is drawn over each panel
+    as its exact marginal, dashed."""
     import arviz as az
 
     focus = focus_of(idata.posterior, budget=GLOBAL_FIGURE_BUDGET)
@@ -306,8 +318,43 @@ def plot_posterior(idata: Any, path: str | Path, title: str = "") -> Path:
         for ax in axes.ravel()[n:]:
             ax.set_axis_off()
         az.plot_posterior(ds, ax=axes.ravel()[:n], textsize=9, show=False, labeller=az.labels.DimCoordLabeller())
+        if focus.local:
+            _mark_reference(idata, ds, axes.ravel()[:n], exact)
         fig.suptitle(title, fontsize=10)
         return _save(fig, path)
+
+
+def _mark_reference(idata: Any, ds: Any, axes: Sequence[Any], exact: Any) -> None:
+    """Per panel of a local latent (ArviZ's order: variable, then each coordinate in C order): its point's k̂ in the
+    title (red above :data:`PARETO_K_THRESHOLD`) and, given ``exact``, the exact marginal density, dashed."""
+    from scipy import stats
+
+    k_of = dict(zip(idata.sample_stats["point"].values.tolist(), idata.sample_stats["pareto_k"].values.tolist(),
+                    strict=True))
+    points = idata.posterior["point"].values.tolist()
+    panels = []
+    for v in ds.data_vars:
+        da = ds[v]
+        extra = da.dims[3:]
+        for p in da["point"].values.tolist():
+            for idx in np.ndindex(*[da.sizes[d] for d in extra]):
+                coords = [int(da[d].values[i]) for d, i in zip(extra, idx, strict=True)]
+                panels.append((v, int(p), coords))
+    for ax, (_, p, coords) in zip(axes, panels, strict=False):
+        k = k_of.get(p, float("nan"))
+        bad = np.isfinite(k) and k > PARETO_K_THRESHOLD
+        ax.set_title(f"{ax.get_title()}\nk̂ = {k:.2f}" if np.isfinite(k) else ax.get_title(), fontsize=8,
+                     color="tab:red" if bad else "black")
+        if exact is not None and len(coords) == 1:
+            i = points.index(p)
+            loc = float(exact.mean[i, coords[0]])
+            sd = float(exact.covariance_matrix[i, coords[0], coords[0]].sqrt())
+            lo, hi = ax.get_xlim()
+            lo, hi = min(lo, loc - 3 * sd), max(hi, loc + 3 * sd)  # the whole exact marginal, however wide
+            grid = np.linspace(lo, hi, 300)
+            ax.plot(grid, stats.norm.pdf(grid, loc, sd), "--", color="tab:orange", lw=1.2, label="exact p(z|x)")
+            ax.set_xlim(lo, hi)
+            ax.legend(fontsize=7, loc="upper right", frameon=False)
 
 
 def plot_pair(idata: Any, path: str | Path, title: str = "") -> Path:
@@ -448,7 +495,13 @@ def inspect_fit(model: Any, guide: Any, data: Any, output: str | Path, tag: str,
                               feature_names=names)
     nc = write_netcdf(idata, out / f"{tag}.nc")
     what = title or tag
-    figures = [plot_posterior(idata, out / f"{tag}_posterior.png", what), plot_ppc(idata, out / f"{tag}_ppc.png", what),
+    exact = None
+    if getattr(model, "has_exact_posterior", False):  # factor analysis: overlay p(z|x) of the inspected points
+        with torch.no_grad():
+            points = model.validate(data, name="data")[torch.as_tensor(index)]
+            exact = model.exact_posterior(points)
+    figures = [plot_posterior(idata, out / f"{tag}_posterior.png", what, exact=exact),
+               plot_ppc(idata, out / f"{tag}_ppc.png", what),
                plot_pair(idata, out / f"{tag}_pair.png", what)]
     k = torch.from_numpy(np.asarray(idata.sample_stats["pareto_k"].values, dtype=np.float64))
     return {"netcdf": nc.name, "focus_points": [int(i) for i in index[:FOCUS_POINTS]], "num_points": len(index),

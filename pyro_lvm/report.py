@@ -84,11 +84,24 @@ def payload(experiment: str, dataset: str, config: dict[str, Any], data: dict[st
             "baselines": baselines}
 
 
-def results_table(payload: Mapping[str, Any]) -> str:
-    """A Markdown table of every result and baseline row (mean nats per test point)."""
+#: the columns a terminal shows first (:func:`results_table` with ``brief``): the bounds, and the number they bound
+#: where there is one (the exact log p(x), else the plug-in log p(x|θ̂)), and how far to trust each row
+BRIEF_COLUMNS = ("elbo", "iwae", "exact_log_likelihood", "log_lik_at_point_estimate", "pareto_k_mean")
+BRIEF_WIDTH = 4
+
+
+def results_table(payload: Mapping[str, Any], *, brief: bool = False) -> str:
+    """A Markdown table of every result and baseline row (mean nats per test point). ``brief``: the few columns
+    a newcomer reads first (:data:`BRIEF_COLUMNS`, at most :data:`BRIEF_WIDTH`); the rest stay in results.md and
+    results.json, and the table says so."""
     rows = [(r["guide"], r["test"], r.get("train_seconds")) for r in payload.get("results", [])]
     rows += [(b["name"], b["test"], b.get("train_seconds")) for b in payload.get("baselines", [])]
     used = [(k, t) for k, t in COLUMNS if any(test.get(k) is not None for _, test, _ in rows)]
+    hidden = 0
+    if brief:
+        lead = [k for k in BRIEF_COLUMNS if k in dict(used)][:BRIEF_WIDTH]
+        hidden = len(used) - len(lead)
+        used = [(k, t) for k, t in used if k in lead]
     head = ["guide"] + [t for _, t in used] + ["train s"]
     lines = ["| " + " | ".join(map(_cell, head)) + " |", "|" + "---|" * len(head)]
     for name, test, secs in rows:
@@ -97,7 +110,9 @@ def results_table(payload: Mapping[str, Any]) -> str:
     k = next((test.get("iwae_k") for _, test, _ in rows if test.get("iwae_k")), None)
     title = f"{payload.get('experiment', '')} on {payload.get('dataset', '')}"
     note = "Mean nats per test point" + (f"; IWAE-K with K = {k}." if k else ".")
-    notes = [note] + [COLUMN_NOTES[key] for key, _ in used if key in COLUMN_NOTES]
+    notes = [note] + [COLUMN_NOTES[key] for key, _ in used if key in COLUMN_NOTES and not brief]
+    if hidden:
+        notes[0] += f" {hidden} more columns (gaps, KL, k̂ of q(θ), ...) in results.md and results.json."
     return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
@@ -137,6 +152,21 @@ class WriteError(OSError, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def _stop_signal(e: BaseException) -> BaseException | None:
+    """The ``KeyboardInterrupt`` (or SIGTERM's ``BaseException``, or ``SystemExit``) behind ``e``, if a stop arrived
+    while a library wrote: torch's writer turns an exception raised inside its ``write`` callback into
+    ``RuntimeError: [enforce fail ...] unexpected pos``, chaining the original as its context. That is a stop, not a
+    failed write, and must stop the run as a stop does."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if not isinstance(x, Exception):
+            return x
+        x = x.__cause__ or x.__context__
+    return None
 
 
 def _write_failure(e: BaseException) -> tuple[int | None, str] | None:
@@ -184,6 +214,9 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        stop = _stop_signal(e)
+        if stop is not None and stop is not e:
+            raise stop from None  # Ctrl-C or SIGTERM during the write: the run stops as it would anywhere else
         failed = None if isinstance(e, WriteError) else _write_failure(e)
         if failed is None:
             raise

@@ -19,9 +19,17 @@ shape of exactly the points (``(N,)``; its event shape is free) and a continuous
 ``torch.distributions.biject_to`` knows (real, positive, unit interval, simplex, lower-Cholesky, ...); broadcast
 over leading batch dims (the evaluator draws many z per point at once, as Pyro's vectorised particles do). Its
 learnable quantities are ``pyro.param`` statements (or the weights of a ``PyroModule`` passed instead of a
-function): point estimates, owned by the wrapped model, so ``fit``, ``save`` and ``load`` see them. Not yet
-supported, and refused by name: latent sites outside the data plate (global latents: make them ``pyro.param``),
-discrete latent sites, local sites under a further plate.
+function; ``load`` rebuilds it as ``cls(data_dim=D)``, or ``cls()``, so its other sizes are its defaults): point
+estimates, owned by the wrapped model, so ``fit``, ``save`` and ``load`` see them. Latent
+sites outside the data plate are **global latents** θ (any continuous support, under any plates but ``data``,
+each with a proper prior); their guide is an autoguide named after the local family, ``LOCAL+GLOBAL``
+(``iaf:2+meanfield``). Not yet supported, and refused by name: discrete latent sites, local sites under a further
+plate.
+
+**Held-out bounds with global latents.** A held-out point's bounds are bounds on log p(x_n | θ) averaged over
+θ_s ~ q(θ) (``EvalConfig.global_draws`` draws; one for a point mass such as ``map``): ELBO_n = mean_s
+E_q(z|x_n)[log p(x_n, z | θ_s) − log q(z|x_n)], IWAE-K likewise, so their target is mean_s log p(x_n | θ_s) and
+the global prior log p(θ) is not a per-point term. k̂ per point is the largest over the draws θ_s.
 
 **How the guides see it.** The local latent sites of a point are one vector u ∈ ℝ^k in unconstrained space
 (site by site, ``biject_to(support)``, in trace order): the model samples u at the site ``_u`` and writes each of
@@ -39,8 +47,10 @@ it, and the function itself is stored by its import path (``package.module:funct
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +140,9 @@ class FunctionConfig:
     encoder_input: str = "auto"
     #: the name results and files give the model ("" → the function's name)
     label: str = ""
+    #: import path of the exact log p(x) per point, ``log_likelihood(x, **params) -> (N,)`` with the function's
+    #: ``pyro.param`` values by name ("" → none: held-out bounds only)
+    log_likelihood: str = ""
 
     def __post_init__(self) -> None:
         check_config(self, positive_int=("data_dim",))
@@ -202,15 +215,74 @@ class _WriteBack(Messenger):
             return
         u = self.u[..., site.offset:site.offset + site.size].reshape(self.u.shape[:-1] + site.unconstrained_shape)
         transform = biject_to(msg["fn"].support)
-        value = transform(u)
-        log_det = sum_rightmost(transform.log_abs_det_jacobian(u, value),
-                                len(site.event_shape) - transform.codomain.event_dim)
-        msg["value"], msg["fn"], msg["is_observed"] = value, _Reparametrized(msg["fn"], log_det), True
+        if _is_identity(transform):  # a real site: z = u, log-det 0, the prior scored as it is (common; kept cheap)
+            msg["value"], msg["is_observed"] = u, True
+        else:
+            value = transform(u)
+            log_det = sum_rightmost(transform.log_abs_det_jacobian(u, value),
+                                    len(site.event_shape) - transform.codomain.event_dim)
+            msg["value"], msg["fn"], msg["is_observed"] = value, _Reparametrized(msg["fn"], log_det), True
         msg["infer"] = {**msg.get("infer", {}), "pyro_lvm_local": True}
+
+
+def _is_identity(transform: Any) -> bool:
+    """Whether ``biject_to(support)`` is the identity (real supports: an empty composition, maybe made
+    independent over event dims)."""
+    from torch.distributions import transforms as T
+
+    while isinstance(transform, T.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, T.ComposeTransform) and not transform.parts
 
 
 def _is_discrete(fn: Any) -> bool:
     return getattr(fn.support, "is_discrete", False)
+
+
+def _global_site(name: str, fn: Any) -> str:
+    """``name``, once its distribution is checked to be a prior an autoguide can guide: continuous, proper, with a
+    support ``biject_to`` knows."""
+    if _is_discrete(fn):
+        raise ValueError(f"model: global latent site {name!r} is discrete ({type(fn).__name__}); discrete global "
+                         "latents are not supported: make it a pyro.param, or sum it out in the function")
+    base = fn
+    while isinstance(base, dist.Independent | dist.MaskedDistribution | dist.ExpandedDistribution):
+        base = base.base_dist
+    if isinstance(base, dist.ImproperUniform | _Reparametrized):
+        raise ValueError(f"model: global latent site {name!r} has no prior ({type(base).__name__}); give it a "
+                         "proper distribution, or make it a pyro.param point estimate")
+    try:
+        biject_to(fn.support)
+    except NotImplementedError:
+        raise ValueError(f"model: global latent site {name!r} has support {fn.support}, which has no bijection "
+                         "from real space (torch.distributions.biject_to)") from None
+    return name
+
+
+class _PlaceholderValues(Messenger):
+    """In the prototype trace only: a site whose distribution cannot be sampled (an improper prior) gets a value in
+    its support, so the trace is read to the end and the site is refused by its rule, by name."""
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        fn = msg["fn"]
+        base = fn
+        while isinstance(base, dist.Independent | dist.MaskedDistribution | dist.ExpandedDistribution):
+            base = base.base_dist
+        if msg["value"] is None and isinstance(base, dist.ImproperUniform):
+            msg["value"] = biject_to(fn.support)(torch.zeros(fn.shape()))
+
+
+class _ScalePerPoint(Messenger):
+    """Scales the log-density of every site inside the data plate by ``scale`` (N / minibatch): the function's
+    per-point sites, not its global priors."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if self.scale != 1.0 and any(f.name == DATA_PLATE for f in msg.get("cond_indep_stack", ())):
+            msg["scale"] = msg["scale"] * self.scale
 
 
 @register_model("function")
@@ -220,13 +292,16 @@ class FunctionModel(LatentModel):
     Config = FunctionConfig
     local_site = UNCONSTRAINED_SITE
 
-    def __init__(self, config: FunctionConfig, fn: Any = None) -> None:
+    def __init__(self, config: FunctionConfig, fn: Any = None, log_likelihood_fn: Any = None) -> None:
         super().__init__()
         self.config = config
         if fn is None:
             fn = import_target(config.target)
             if isinstance(fn, type) and issubclass(fn, nn.Module):
-                fn = fn()  # a PyroModule is stored by its class; its weights come from the state dict
+                # a PyroModule is stored by its class (built for the data's width where it takes ``data_dim``); its
+                # weights come from the state dict
+                takes_width = "data_dim" in inspect.signature(fn).parameters
+                fn = fn(data_dim=config.data_dim) if takes_width else fn()
         if isinstance(fn, nn.Module):
             self.net = fn  # a PyroModule's weights are the model's
             self._fn = (fn,)
@@ -237,7 +312,13 @@ class FunctionModel(LatentModel):
         self.unconstrained = nn.ParameterDict()
         self.constraints_: dict[str, Any] = {}
         self.data_dim = config.data_dim
-        self.sites, self.observed_support = self._read_structure()
+        self.sites, self.global_sites, self.observed_support = self._read_structure()
+        self.__dict__["_log_likelihood"] = None
+        if config.log_likelihood:
+            if self.global_sites:
+                raise ValueError(f"log_likelihood: with global latent sites ({', '.join(self.global_sites)}) log p(x) "
+                                 "integrates over θ and has no per-point closed form here; leave it out")
+            self.__dict__["_log_likelihood"] = log_likelihood_fn or import_target(config.log_likelihood)
         self.latent_dim = sum(s.size for s in self.sites.values())
         if config.encoder_input == "auto":
             counts = self.observed_support is not None and _is_discrete_count(self.observed_support)
@@ -272,34 +353,54 @@ class FunctionModel(LatentModel):
 
     @classmethod
     def traits_for(cls, config: object) -> ModelTraits:
+        """Before the function is traced (no data yet) its global sites are unknown: ``structure_known`` is off,
+        so guides are checked in full once the model is built (:attr:`traits`)."""
         # Trace_ELBO and TraceGraph_ELBO: the reparametrized sites carry no KL of their own to look up
         return ModelTraits(cls.name, cls.local_site, (), None, False, "trace", ("trace", "tracegraph"),
-                           "a wrapped function's sites are scored through their log-dets; no analytic KL")
+                           "a wrapped function's sites are scored through their log-dets; no analytic KL",
+                           structure_known=False)
+
+    @property
+    def traits(self) -> ModelTraits:
+        return dataclasses.replace(type(self).traits_for(self.config), global_sites=self.global_sites,
+                                   structure_known=True)
 
     # ---------------------------------------------------------------- structure
-    def _read_structure(self) -> tuple[dict[str, LocalSite], Any]:
-        """The local latent sites and the observed site's support, from a prototype trace on a few points."""
+    def _read_structure(self) -> tuple[dict[str, LocalSite], tuple[str, ...], Any]:
+        """The local latent sites, the global latent sites and the observed site's support, from a prototype trace
+        on a few points."""
         n = PROTOTYPE_POINTS
         x = torch.zeros(n, self.data_dim)
-        with torch.random.fork_rng(devices=[]), _ParamStore(self):
+        with torch.random.fork_rng(devices=[]), _ParamStore(self), _PlaceholderValues():
             try:
                 tr = poutine.trace(self.fn).get_trace(x)
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 raise ValueError(f"model: the function fails on a prototype batch of {n} points of {self.data_dim} "
                                  f"features ({' '.join(str(e).split())[:200]}); it must take the data (points × "
                                  "features) as its first argument") from None
+        samples = [s for s in tr.nodes.values() if s["type"] == "sample" and type(s["fn"]).__name__ != "_Subsample"]
+        if not any(f.name == DATA_PLATE for s in samples for f in s["cond_indep_stack"]):
+            names = ", ".join(repr(s["name"]) for s in samples) or "none"
+            raise ValueError(f"model: no site is inside pyro.plate({DATA_PLATE!r}, len(x)) (sites: {names}); put the "
+                             f"per-point sites, site {samples[0]['name']!r} first, inside it" if samples else
+                             f"model: the function samples no site; it must score the data inside "
+                             f"pyro.plate({DATA_PLATE!r}, len(x))")
         sites: dict[str, LocalSite] = {}
+        global_sites: list[str] = []
         observed_support, offset = None, 0
+        self.max_plate_nesting = max([1] + [-f.dim for site in tr.nodes.values() if site["type"] == "sample"
+                                            for f in site["cond_indep_stack"] if f.dim is not None])
         for name, site in tr.nodes.items():
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
             plates = {f.name: f for f in site["cond_indep_stack"]}
             frame = plates.get(DATA_PLATE)
+            if frame is None and site["is_observed"]:
+                raise ValueError(f"model: observed site {name!r} is outside pyro.plate({DATA_PLATE!r}, len(x)); the "
+                                 "data are scored per point, inside it")
             if frame is None:
-                what = "observed" if site["is_observed"] else "latent"
-                raise ValueError(f"model: {what} site {name!r} is outside pyro.plate({DATA_PLATE!r}, len(x)); put "
-                                 "every per-point site inside it (global latent sites are not supported yet: make "
-                                 "them pyro.param point estimates)")
+                global_sites.append(_global_site(name, site["fn"]))
+                continue
             if frame.dim != -1:
                 raise ValueError(f"model: site {name!r} is in plate {DATA_PLATE!r} at dim {frame.dim}; the data "
                                  "plate must be at dim -1 (pyro.plate('data', len(x)) with no other plate inside)")
@@ -335,7 +436,16 @@ class FunctionModel(LatentModel):
         if not sites:
             raise ValueError("model: the function has no local latent site inside pyro.plate('data', len(x)); "
                              "there is nothing for an amortized guide to infer")
-        return sites, observed_support
+        if global_sites:  # a global whose shape follows the number of points is a per-point site outside the plate
+            with torch.random.fork_rng(devices=[]), _ParamStore(self):
+                other = poutine.trace(self.fn).get_trace(torch.zeros(n + 1, self.data_dim))
+            for name in global_sites:
+                a, b = tr.nodes[name]["value"].shape, other.nodes[name]["value"].shape
+                if a != b:
+                    raise ValueError(f"model: site {name!r} is outside pyro.plate({DATA_PLATE!r}, len(x)) but its "
+                                     f"shape follows the points ({tuple(a)} on {n} points, {tuple(b)} on {n + 1}); "
+                                     "a per-point site goes inside the data plate")
+        return sites, tuple(global_sites), observed_support
 
     # ---------------------------------------------------------------- the model
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
@@ -354,15 +464,41 @@ class FunctionModel(LatentModel):
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         return ENCODER_INPUTS[self.encoder_input_name](x)
 
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The exact log p(x) per point where the user gave one at wrap time (``log_likelihood=``), else ``None``."""
+        fn = self.__dict__.get("_log_likelihood")
+        if fn is None:
+            return None
+        value = torch.as_tensor(fn(x, **self.parameters_constrained()))
+        if value.shape != (x.shape[0],):
+            raise ValueError(f"log_likelihood: {self.config.log_likelihood} returned shape {tuple(value.shape)} for "
+                             f"{x.shape[0]} points; it must return one log p(x_n) per point, shape (N,)")
+        return value
+
     def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
         n = x.shape[0]
         with data_plate(n, total_size, x.device):
             u = pyro.sample(UNCONSTRAINED_SITE, dist.ImproperUniform(constraints.real, (n,), (self.latent_dim,)))
-        scale = 1.0 if total_size is None else float(total_size) / n  # minibatches: the library's job
+        self._run(x, u, 1.0 if total_size is None else float(total_size) / n)
+
+    def _run(self, x: torch.Tensor, u: torch.Tensor, scale: float) -> None:
         # the function's own data plate records a subsample site named "data", as the plate above does: hidden
         hide = poutine.block(hide_fn=lambda m: m["name"] == DATA_PLATE and m["type"] == "sample")
-        with hide, poutine.scale(scale=scale), _ParamStore(self), _WriteBack(self.sites, u):
+        # minibatches are rescaled to the full data set (the library's job): the per-point sites only, never a
+        # global prior
+        with hide, _ScalePerPoint(scale), _ParamStore(self), _WriteBack(self.sites, u):
             self.fn(x)
+
+    def globals_model(self, x: torch.Tensor, total_size: int | None = None) -> None:
+        """The function with its per-point latents held at u = 0: what an autoguide over the global latent sites
+        runs (its prototype trace and its priors; the per-point sites are hidden from it)."""
+        u = x.new_zeros(x.shape[0], self.latent_dim)
+        self._run(x, u, 1.0)
+
+    @property
+    def data_loc(self) -> torch.Tensor:
+        """A stand-in point (zeros) for guides that build their parameters on a prototype call."""
+        return torch.zeros(self.data_dim, dtype=self.dtype, device=self.device)
 
     def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each local site's values, in its own support and event shape, from unconstrained vectors u (..., k)."""
@@ -380,14 +516,18 @@ class FunctionModel(LatentModel):
                 {k: ["point", *(f"{k}_dim_{i}" for i in range(len(s.event_shape)))] for k, s in self.sites.items()})
 
     def bind_guide(self, guide: object) -> None:
+        guide = getattr(guide, "_modules", {}).get("local", guide)  # a LOCAL+GLOBAL pair: its local half encodes
         encoder = getattr(guide, "encoder", None)
         if isinstance(encoder, nn.Module) and not isinstance(encoder, _InputTransformed):
             guide.encoder = _InputTransformed(encoder, self.encoder_input_name)  # type: ignore[attr-defined]
 
     def _sample(self, n: int, *, mean: bool, guide: object) -> torch.Tensor:
         x = torch.zeros(n, self.data_dim, dtype=self.dtype, device=self.device)
+        fn = poutine.uncondition(self.fn)
+        if self.global_sites:  # the globals at the fitted guide's point estimate, as the built-in mixture does
+            fn = poutine.condition(fn, data=self._globals_to_sample_from(guide, self.label))
         with _ParamStore(self):
-            tr = poutine.trace(poutine.uncondition(self.fn)).get_trace(x)
+            tr = poutine.trace(fn).get_trace(x)
         site = tr.nodes[self.observed_site]
         value = site["fn"].mean if mean else site["value"]
         return value.reshape(n, self.data_dim)
@@ -439,15 +579,18 @@ def require_model(model: object, what: str) -> None:
 
 
 def wrap_model(fn: Any, *, data_dim: int, name: str | None = None, encoder_input: str = "auto",
-               target: str | None = None) -> FunctionModel:
+               target: str | None = None, log_likelihood: Any = None) -> FunctionModel:
     """A model the suite accepts (``build_guide``, ``fit``, ``evaluate``, ``save``/``load``, ``sample``) from a
     plain Pyro model function ``fn(x)`` or a ``PyroModule``; its rules are in :mod:`pyro_lvm.wrap`.
 
     ``data_dim`` is the number of features; ``name`` labels results (default: the function's name);
     ``encoder_input`` names the transform of x before every encoder ("auto": log1p for count likelihoods);
     ``target`` is the import path :func:`pyro_lvm.load` imports the function from (default: where ``fn`` is
-    defined). A function that breaks a rule raises ``ValueError`` naming the site and the rule, before any data
-    are loaded or any guide is built.
+    defined). ``log_likelihood`` (a function ``log_likelihood(x, **params) -> (N,)``, given the function's
+    ``pyro.param`` values by name, or its import path) is the exact log p(x) per point where the model has one:
+    ``evaluate`` then reports it and the gaps to it, and ``inference_gaps`` splits them; it is stored by its import
+    path, as the function is. A function that breaks a rule raises ``ValueError`` naming the site and the rule,
+    before any data are loaded or any guide is built.
     """
     if isinstance(fn, LatentModel):
         return fn  # type: ignore[return-value]
@@ -455,9 +598,15 @@ def wrap_model(fn: Any, *, data_dim: int, name: str | None = None, encoder_input
         raise ValueError(f"fn: expected a Pyro model function or a PyroModule, got {type(fn).__name__}")
     if isinstance(fn, nn.Module) and not isinstance(fn, PyroModule):
         raise ValueError("fn: a torch module must be a PyroModule (pyro.nn.PyroModule) to be a Pyro model")
+    ll_target, ll_fn = "", None
+    if log_likelihood is not None:
+        ll_fn = import_target(log_likelihood) if isinstance(log_likelihood, str) else log_likelihood
+        if not callable(ll_fn):
+            raise ValueError(f"log_likelihood: expected a function or an import path, got {type(ll_fn).__name__}")
+        ll_target = log_likelihood if isinstance(log_likelihood, str) else target_of(ll_fn)
     cfg = FunctionConfig(data_dim=int(data_dim), target=target or target_of(fn), encoder_input=encoder_input,
-                         label=name or "")
-    return FunctionModel(cfg, fn=fn)
+                         label=name or "", log_likelihood=ll_target)
+    return FunctionModel(cfg, fn=fn, log_likelihood_fn=ll_fn)
 
 
 assert MODELS["function"] is FunctionModel

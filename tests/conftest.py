@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +62,36 @@ def no_global_side_effects() -> Iterator[None]:
     after = (pyro.settings.get("module_local_params"), sorted(pyro.get_param_store().keys()),
              torch.get_num_threads(), torch.get_default_dtype())
     assert after == before, f"global state changed: {before} -> {after}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line forked from one warm interpreter (tests/cli_runner.py), shared by every test that asks for it
+
+_warm_cli: list = []
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the warm interpreter as soon as the collected tests are known to need it, so that its imports overlap
+    the tests that run before the first one that uses it."""
+    if any("warm_cli" in getattr(item, "fixturenames", ()) for item in items):
+        _start_warm_cli(session.config)
+
+
+def _start_warm_cli(config: pytest.Config):  # noqa: ANN202
+    from cli_runner import WarmCLI
+
+    if not _warm_cli:
+        factory = getattr(config, "_tmp_path_factory", None)  # pytest's tmp_path_factory, outside a fixture
+        root = factory.mktemp("warm_cli") if factory is not None else Path(tempfile.mkdtemp(prefix="warm_cli."))
+        _warm_cli.append(WarmCLI(root))
+    return _warm_cli[0]
+
+
+@pytest.fixture(scope="session")
+def warm_cli(pytestconfig: pytest.Config) -> Iterator[object]:
+    """:class:`cli_runner.WarmCLI`: ``python -m ...`` forked from one warm interpreter (see tests/cli_runner.py)."""
+    cli = _start_warm_cli(pytestconfig)
+    yield cli
+    cli.close()
+    _warm_cli.clear()

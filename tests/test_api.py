@@ -35,7 +35,7 @@ def _run(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_readme_notebook_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
+    section = readme[readme.index("### 1. Run an experiment"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}

@@ -4,29 +4,50 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from cli_runner import WarmCLI
 
 from benchmarks import fullcov_ablation, vae_step_time
 
 
 def test_step_time_benchmark_runs_and_reports_ratios(tmp_path: Path, fake_mnist: Path) -> None:
-    code = vae_step_time.main(["--steps", "3", "--warmup", "1", "--repeats", "1", "--iwae-k", "4",
+    code = vae_step_time.main(["--steps", "3", "--warmup", "1", "--repeats", "2", "--iwae-k", "4", "--no-numpyro",
+                               "--paths", "plain_pytorch,fit_default,fit_eager_loop,fit_jit,handwritten_trace",
                                "--eval-points", "8", "--data-dir", str(fake_mnist), "--output", str(tmp_path)])
     res = json.loads((tmp_path / "results.json").read_text())
     assert code == 0 and (tmp_path / "results.md").is_file()
     timing = res["timing"]
-    assert set(timing) == {"plain_pytorch", "handwritten_trace", "lightning_trace", "lightning_jit"}
+    assert set(timing) == {"plain_pytorch", "fit_default", "fit_eager_loop", "fit_jit", "handwritten_trace"}
     assert timing["plain_pytorch"]["ratio_to_plain"] == 1
     plain = timing["plain_pytorch"]["seconds_per_step"]
-    for v in timing.values():  # every ratio is its path's step time over plain PyTorch's, one per round
+    for v in timing.values():
         assert v["ratio_to_plain"] == pytest.approx(v["seconds_per_step"] / plain, rel=1e-12)
-        assert len(v["ratio_per_round"]) == 1
+        assert len(v["ratio_per_round"]) == 2
+    for k in ("plain_pytorch", "fit_default", "fit_eager_loop"):
+        assert len(timing[k]["cpu_ratio_to_plain_per_round"]) == 2
     assert res["iwae_evaluation"]["points_evaluated"] == 8
     over = res["lightning_over_handwritten"]
-    assert over["ratio"] == pytest.approx(timing["lightning_trace"]["ratio_per_round"][0]
-                                          / timing["handwritten_trace"]["ratio_per_round"][0], rel=1e-12)
+    assert over["ratio_per_round"] == pytest.approx([a / b for a, b in zip(
+        timing["fit_eager_loop"]["seconds_per_step_per_round"],
+        timing["handwritten_trace"]["seconds_per_step_per_round"], strict=True)], rel=1e-12)
+
+
+def test_step_time_benchmark_says_in_one_line_when_numpyro_cannot_run(
+        tmp_path: Path, fake_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = vae_step_time.main(["--steps", "2", "--warmup", "1", "--repeats", "1", "--eval-points", "0",
+                               "--paths", "plain_pytorch,numpyro", "--numpyro-python", str(tmp_path / "no-python"),
+                               "--data-dir", str(fake_mnist), "--output", str(tmp_path / "out")])
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 0 and set(res["timing"]) == {"plain_pytorch"}
+    assert len(res["notes"]) == 1 and res["notes"][0].startswith("numpyro: not run")
+    assert res["notes"][0] in capsys.readouterr().err
 
 
 def test_fullcov_ablation_frozen_cholesky_is_the_diagonal_guide(tmp_path: Path, fake_mnist: Path) -> None:
@@ -93,11 +114,26 @@ def test_family_step_time_benchmark_parses_families_and_reports_ratios(tmp_path:
     assert timing["amortized+vamp:3/iwae-dreg:2"]["guide_parameters"] > 0
 
 
-def test_budget_runner_scores_a_run_stopped_by_its_budget_from_its_checkpoint(tmp_path: Path, fake_mnist: Path) -> None:
+def test_budget_runner_scores_a_run_stopped_by_its_budget_from_its_checkpoint(
+        tmp_path: Path, fake_mnist: Path, warm_cli: WarmCLI, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gated-conv protocol runner, on the MLP for speed: a run still training when its budget ends is stopped
     by SIGTERM (exit 143, checkpoints kept) and scored by the same command with --from-checkpoints. The budget ends
-    by an event, not a clock: when the run's first last.ckpt exists (one whole epoch), however slow the machine."""
+    by an event, not a clock: when the run's first last.ckpt exists (one whole epoch), however slow the machine.
+
+    The runner's commands (``python -m pyro_lvm.experiments.vae ...``, output appended to a log) run as processes
+    forked from the session's warm interpreter (tests/cli_runner.py) rather than fresh ones, to save their imports;
+    with one guide, the runner's processes never overlap (the warm interpreter runs one at a time)."""
     from benchmarks import gated_conv_budget
+
+    launched: list[list[str]] = []
+
+    def popen(cmd: list[str], *, stdout: Any, stderr: int) -> Any:
+        """``subprocess.Popen(cmd, stdout=<log opened "ab">, stderr=subprocess.STDOUT)``, forked."""
+        assert cmd[:2] == [sys.executable, "-m"] and stderr == subprocess.STDOUT and stdout.mode == "ab", cmd
+        launched.append(cmd)
+        return warm_cli.submit(cmd[2], cmd[3:], os.getcwd(), stdout=stdout.name, stderr=stdout.name, append=True)
+
+    monkeypatch.setattr(gated_conv_budget, "subprocess", SimpleNamespace(Popen=popen, STDOUT=subprocess.STDOUT))
 
     out = tmp_path / "budget"
     last = out / "amortized" / "checkpoints" / "amortized" / "last.ckpt"
@@ -112,6 +148,7 @@ def test_budget_runner_scores_a_run_stopped_by_its_budget_from_its_checkpoint(tm
     assert row["epochs_trained"] >= 1 and row["test"]["iwae"] >= row["test"]["elbo"]  # IWAE-K bounds the ELBO
     assert (out / "amortized" / "checkpoints" / "amortized" / "last.ckpt").is_file()
     assert "| amortized | " in (out / "results.md").read_text()
+    assert [c[2] for c in launched] == ["pyro_lvm.experiments.vae"] * 2 and "--from-checkpoints" in launched[1]
 
 
 def test_iaf_reversal_benchmark_reports_both_variants(tmp_path: Path) -> None:

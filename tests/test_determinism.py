@@ -1,25 +1,26 @@
-"""One seed, one result: every experiment run twice with the same ``--seed`` (once in a fresh process, once in this
+"""One seed, one result: every experiment run twice with the same ``--seed`` (once in another process, once in this
 one, from different working directories, with ``--inspect`` where the experiment has it) writes the same
 ``results.json`` once its wall-clock timings are removed, and byte-identical ``.nc`` files (ArviZ's ``created_at``
 stamp is not written).
 
-Each run is as small as the experiment allows (two epochs, a few test points and draws): a few seconds."""
+The other process is forked from the session's warm interpreter (tests/cli_runner.py): a fresh interpreter with its
+own hash seed that has made the heavy imports and run nothing, so nothing is seeded before the run; it runs while
+this process makes its own run. (tests/test_resume.py's Ctrl-C test compares a fresh interpreter's numbers with a
+forked one's.)
+
+Each run is as small as the experiment allows (two epochs, a few test points): a few seconds."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_runner import WarmCLI
 from conftest import write_fake_mnist
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 #: the keys of results.json that hold wall-clock measurements; exactly these are dropped (at any depth) before two
 #: runs are compared:
@@ -43,7 +44,9 @@ SETTINGS = frozenset({"checkpoint_seconds", "ddp_timeout"})
 #: writer (``pyro_lvm.posterior_report.netcdf_bytes``), byte for byte; every other .nc file as it is on disk.
 NC_TIMINGS = {"nuts.nc": {"posterior": ("seconds",)}}
 
-INSPECT = ["--inspect", "--inspect-points", "3", "--inspect-samples", "6"]
+#: a few test points; 100 draws each, not fewer: the pair plot's 2-D KDE (arviz) costs more the fewer the draws (its
+#: kernel widens with the bandwidth), seconds of CPU per figure at 6 draws
+INSPECT = ["--inspect", "--inspect-points", "3", "--inspect-samples", "100"]
 
 
 def _strip_timings(v: Any) -> Any:
@@ -64,19 +67,18 @@ def _timing_like(v: Any) -> set[str]:
     return set()
 
 
-def _run_twice(tmp_path: Path, experiment: str, args: list[str]) -> tuple[Path, Path]:
-    """``pyro_lvm.experiments.<experiment> *args --quiet --output out`` twice, from two working directories: once in
-    a fresh interpreter (its own hash seed, nothing imported or seeded before), once in this process (which saves
-    an interpreter start and the ~7 s of imports)."""
+def _run_twice(tmp_path: Path, experiment: str, args: list[str], cli: WarmCLI) -> tuple[Path, Path]:
+    """``pyro_lvm.experiments.<experiment> *args --quiet --output out`` twice, from two working directories: once
+    forked from the warm interpreter (see the module doc), once in this process, at the same time."""
     argv = [*args, "--quiet", "--output", "out"]
     a, b = tmp_path / "a", tmp_path / "b"
     for cwd in (a, b):
         cwd.mkdir()
-    proc = subprocess.run([sys.executable, "-m", f"pyro_lvm.experiments.{experiment}", *argv], cwd=a, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = cli.submit(f"pyro_lvm.experiments.{experiment}", argv, a)
     with contextlib.chdir(b):
         assert importlib.import_module(f"pyro_lvm.experiments.{experiment}").main(argv) == 0
+    proc = other.result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return a / "out", b / "out"
 
 
@@ -114,11 +116,11 @@ def _nc_bytes(path: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def fa_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def fa_runs(tmp_path_factory: pytest.TempPathFactory, warm_cli: WarmCLI) -> tuple[Path, Path]:
     """factor_analysis twice (its fits are also what inference_gaps scores)."""
     return _run_twice(tmp_path_factory.mktemp("fa"), "factor_analysis", [
         "--dataset", "wine", "--latent-dim", "2", "--guide", "exact,amortized", "--epochs", "2", "--iwae-k", "4",
-        "--seed", "7", *INSPECT])
+        "--seed", "7", *INSPECT], warm_cli)
 
 
 def test_factor_analysis_is_deterministic(fa_runs: tuple[Path, Path]) -> None:
@@ -127,33 +129,34 @@ def test_factor_analysis_is_deterministic(fa_runs: tuple[Path, Path]) -> None:
     assert all("inspect" in r for r in doc["results"])
 
 
-def test_gaussian_mixture_is_deterministic(tmp_path: Path) -> None:
+def test_gaussian_mixture_is_deterministic(tmp_path: Path, warm_cli: WarmCLI) -> None:
     a, b = _run_twice(tmp_path, "gaussian_mixture", [
         "--dataset", "synthetic_mixture", "--num-points", "40", "--epochs", "2", "--restarts", "1", "--guide",
-        "meanfield", "--posterior-samples", "4", "--theta-samples", "21", "--iwae-k", "2", "--seed", "5", *INSPECT])
+        "meanfield", "--posterior-samples", "4", "--theta-samples", "21", "--iwae-k", "2", "--seed", "5", *INSPECT],
+        warm_cli)
     _assert_same(a, b, netcdf=2)  # meanfield.nc (--inspect), meanfield_posterior.nc
 
 
-def test_vae_is_deterministic(tmp_path: Path) -> None:
+def test_vae_is_deterministic(tmp_path: Path, warm_cli: WarmCLI) -> None:
     data = write_fake_mnist(tmp_path / "data")
     a, b = _run_twice(tmp_path, "vae", [
         "--data-dir", str(data), "--guide", "amortized", "--subset", "40", "--epochs", "2", "--hidden", "8",
-        "--latent-dim", "2", "--iwae-k", "2", "--seed", "3", *INSPECT])
+        "--latent-dim", "2", "--iwae-k", "2", "--seed", "3", *INSPECT], warm_cli)
     _assert_same(a, b, netcdf=1)  # amortized.nc
 
 
-def test_compare_posteriors_is_deterministic(tmp_path: Path) -> None:
+def test_compare_posteriors_is_deterministic(tmp_path: Path, warm_cli: WarmCLI) -> None:
     a, b = _run_twice(tmp_path, "compare_posteriors", [
         "--model", "bayesian_fa", "--dataset", "synthetic", "--num-points", "40", "--data-dim", "3",
         "--latent-dim", "1", "--guide", "meanfield", "--epochs", "2", "--nuts-chains", "1", "--nuts-warmup", "10",
-        "--nuts-samples", "10", "--posterior-samples", "21", "--iwae-k", "2", "--seed", "6", *INSPECT])
+        "--nuts-samples", "10", "--posterior-samples", "21", "--iwae-k", "2", "--seed", "6", *INSPECT], warm_cli)
     _assert_same(a, b, netcdf=2)  # nuts.nc, meanfield_posterior.nc
 
 
-def test_inference_gaps_is_deterministic(tmp_path: Path, fa_runs: tuple[Path, Path]) -> None:
+def test_inference_gaps_is_deterministic(tmp_path: Path, fa_runs: tuple[Path, Path], warm_cli: WarmCLI) -> None:
     a, b = _run_twice(tmp_path, "inference_gaps", [
         "--model", "factor_analysis", "--guide", "exact,amortized", "--from-checkpoints", str(fa_runs[0]),
         "--points", "4", "--steps", "20", "--elbo-particles", "2", "--eval-particles", "8", "--iwae-k", "4",
-        "--seed", "2"])
+        "--seed", "2"], warm_cli)
     doc = _assert_same(a, b, netcdf=0)
     assert [r["guide"] for r in doc["results"]] == ["exact", "amortized"]

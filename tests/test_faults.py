@@ -6,10 +6,11 @@ working directory of its own and must give: exit status 2; exactly one line on s
 left behind and no ``results.json`` that does not parse.
 
 Starting Python and importing torch, Pyro and Lightning takes seconds, and there are dozens of cases, so they run in
-processes forked from one interpreter that has made those imports once: each child changes to its own directory,
-points its stdout and stderr at files, and runs the module as ``__main__`` with :mod:`runpy`, as ``python -m`` does;
-its exit status is the command's. :func:`test_forked_runs_match_fresh_interpreters` runs a few cases in fresh
-interpreters too and checks they print the same.
+processes forked from one interpreter that has made those imports once (the session's ``warm_cli``, see
+tests/cli_runner.py): each child changes to its own directory, points its stdout and stderr at files, and runs the
+module as ``__main__`` with :mod:`runpy`, as ``python -m`` does; its exit status is the command's.
+:func:`test_forked_runs_match_fresh_interpreters` runs a few cases in fresh interpreters too and checks they print
+the same.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cli_runner import WarmCLI, fresh_env, sigint_default
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 #: tiny-run flags for the VAE on the fake MNIST below
@@ -143,49 +144,8 @@ CASES = [
 ]
 CASE_IDS = [c.id for c in CASES]
 
-RUNNER = textwrap.dedent("""
-    import json, os, runpy, shutil, sys, traceback
-
-    # the heavy imports, once; not the experiment modules themselves (runpy runs each afresh as __main__)
-    import pyro_lvm, pyro_lvm.experiments.cli, pyro_lvm.harness  # noqa: E401,F401
-    import matplotlib.figure, sklearn.datasets, sklearn.decomposition, sklearn.mixture  # noqa: E401,F401
-
-    results = {}
-    for case in json.load(open(sys.argv[1])):
-        if case["copy"]:
-            src, dst = case["copy"]
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("fitted.pt"))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.chdir(case["cwd"])
-                for fd, name in ((1, "stdout.txt"), (2, "stderr.txt")):
-                    os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-                sys.argv = [case["module"], *case["args"]]
-                try:
-                    runpy.run_module(case["module"], run_name="__main__", alter_sys=True)
-                    code = 0
-                except SystemExit as e:  # as the interpreter does: None is 0, a message is printed and is 1
-                    if e.code is None or isinstance(e.code, int):
-                        code = e.code or 0
-                    else:
-                        print(e.code, file=sys.stderr)
-                except BaseException:
-                    traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        results[case["id"]] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    print(json.dumps(results))
-""")
-
-
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "MPLBACKEND": "Agg"}
+    return fresh_env()
 
 
 def _fill(text: str, shared: Path, cwd: Path) -> str:
@@ -261,10 +221,18 @@ def _run_fresh(step: dict[str, Any]) -> int:
     if step["copy"]:
         shutil.copytree(*step["copy"], ignore=shutil.ignore_patterns("fitted.pt"))
     proc = subprocess.run([sys.executable, "-m", step["module"], *step["args"]], cwd=step["cwd"], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=sigint_default)
     (Path(step["cwd"]) / "stdout.txt").write_text(proc.stdout)
     (Path(step["cwd"]) / "stderr.txt").write_text(proc.stderr)
     return proc.returncode
+
+
+def _run_forked(cli: WarmCLI, step: dict[str, Any]) -> int:
+    """One case forked from the warm interpreter (after the copy it needs, so after the cases before it)."""
+    if step["copy"]:
+        shutil.copytree(*step["copy"], ignore=shutil.ignore_patterns("fitted.pt"))
+    cwd = Path(step["cwd"])
+    return cli.run(step["module"], step["args"], cwd, stdout=cwd / "stdout.txt", stderr=cwd / "stderr.txt").returncode
 
 
 def _plan(case: Case, shared: Path, cwd: Path) -> dict[str, Any]:
@@ -285,7 +253,7 @@ FRESH = ["fa-bad-int", "vae-amat-not-binary"]
 
 
 @pytest.fixture(scope="module")
-def outcomes(shared: Path) -> Iterator[dict[str, Outcome]]:
+def outcomes(shared: Path, warm_cli: WarmCLI) -> Iterator[dict[str, Outcome]]:
     """Every case run once, in order, each in its own directory (forked from one interpreter, see the module doc);
     meanwhile, on another core, the :data:`FRESH` cases in fresh interpreters (keys ``fresh:<id>``)."""
     root = shared.parent
@@ -297,14 +265,7 @@ def outcomes(shared: Path) -> Iterator[dict[str, Outcome]]:
     thread = threading.Thread(target=lambda: fresh_status.update({s["id"]: _run_fresh(s) for s in fresh_plan}))
     thread.start()
     try:
-        if hasattr(os, "fork"):
-            (root / "plan.json").write_text(json.dumps(plan))
-            proc = subprocess.run([sys.executable, "-c", RUNNER, str(root / "plan.json")], cwd=root, env=_env(),
-                                  capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            status = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:  # no fork: one fresh interpreter per case (slow, but the same commands)
-            status = {step["id"]: _run_fresh(step) for step in plan}
+        status = {step["id"]: _run_forked(warm_cli, step) for step in plan}
     finally:
         thread.join()
     out = {step["id"]: _outcome(step, status[step["id"]]) for step in plan}

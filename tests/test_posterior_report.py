@@ -187,3 +187,21 @@ def test_inspection_points_are_seeded_and_bounded(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr("pyro_lvm.inspect.MAX_VALUES", 200 * 830 * 10)  # room for 10 points of 830 numbers x 200
     assert len(pr.inspection_points(200, 1000, 200, 830, seed=3)) == 10
     assert np.array_equal(state, np.random.get_state()[1])
+
+
+def test_the_focus_shows_the_most_active_latents_not_the_first() -> None:
+    """A VAE's latents are mostly inactive (their posterior means do not vary over points): the figures show the
+    ones that vary most, here latents 5 and 2 of 8, in that order."""
+    import xarray as xr
+
+    from pyro_lvm.posterior_report import focus_of
+
+    rng = np.random.default_rng(0)
+    spread = np.zeros(8)
+    spread[5], spread[2] = 3.0, 1.0
+    means = rng.normal(size=(6, 8)) * spread  # (point, latent): only latents 5 and 2 move between points
+    draws = means[None, None] + 0.1 * rng.normal(size=(1, 40, 6, 8))
+    posterior = xr.Dataset({"z": (("chain", "draw", "point", "latent"), draws)})
+    focus = focus_of(posterior, latents=2)
+    assert focus.local and focus.keep["latent"] == (5, 2)
+    assert focus.select(posterior)["z"].sizes == {"chain": 1, "draw": 40, "point": 3, "latent": 2}

@@ -1,34 +1,73 @@
 """Stopping a run (Ctrl-C, SIGTERM, kill -9) loses nothing: every file under --output is complete or absent, and
-``--resume`` finishes the run with the numbers of the uninterrupted one. Real command lines, in subprocesses."""
+``--resume`` finishes the run with the numbers of the uninterrupted one. Real command lines: Ctrl-C and kill -9 hit
+fresh interpreters; the other runs are forked from the session's warm interpreter (tests/cli_runner.py). The Ctrl-C
+test also shows that the two agree: the first guide's row, written by the fresh interpreter, must equal the forked
+uninterrupted run's (tests/test_faults.py compares what the two print)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import Pending, WarmCLI, fresh_env, sigint_default
 from conftest import write_fake_mnist
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-#: the stop tests wait for an event (a file the run writes), however slow the machine; only a run that has not
-#: written it after this long is taken to hang, and the test fails saying so (no signal is sent before the event)
+#: the stop tests wait for an event (the run has paused at a chosen write), however slow the machine; only a run
+#: that has not reached it after this long is taken to hang, and the test fails saying so (no signal is sent before
+#: the event)
 HANG_GUARD_S = 900
+
+VAE = "pyro_lvm.experiments.vae"
+
+#: ``python -c PAUSING TARGET N WHEN MARKER MODULE ARGS...`` is ``python -m MODULE ARGS`` in a fresh interpreter
+#: that pauses (sleeps) at the N-th atomic rename onto the file TARGET, just ``before`` or ``after`` it, once it has
+#: created MARKER: the test then stops it there with a real signal from outside. The library writes every file
+#: through one rename (``pyro_lvm.report.atomic_target``), so a pause ``before`` one leaves its complete temporary
+#: file beside the target, as a kill during the write would; and a stop is never raced against the run's end.
+PAUSING = textwrap.dedent(f"""
+    import os, runpy, sys, time
+
+    target, nth, when, marker, module = sys.argv[1:6]
+    nth, seen, real_replace = int(nth), 0, os.replace
+
+
+    def pause():
+        open(marker, "w").close()
+        time.sleep({HANG_GUARD_S})
+
+
+    def replace(src, dst, *args, **kwargs):
+        global seen
+        hit = os.path.abspath(os.fspath(dst)) == target
+        if hit:
+            seen += 1
+        if hit and seen == nth and when == "before":
+            pause()
+        real_replace(src, dst, *args, **kwargs)
+        if hit and seen == nth and when == "after":
+            pause()
+
+
+    os.replace = replace
+    sys.argv = [module, *sys.argv[6:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+""")
 
 
 def _flags(data: Path, out: Path) -> list[str]:
-    return ["--data-dir", str(data), "--guide", "amortized,planar:2", "--epochs", "6", "--latent-dim", "2",
-            "--hidden", "16", "--iwae-k", "20", "--seed", "3", "--quiet", "--output", str(out)]
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyro_lvm.experiments.vae", *args]
+    # three epochs per guide: the stops below land after a guide's first or second epoch, with more to come
+    return ["--data-dir", str(data), "--subset", "100", "--guide", "amortized,planar:2", "--epochs", "3",
+            "--latent-dim", "2", "--hidden", "8", "--iwae-k", "4", "--seed", "3", "--quiet", "--output", str(out)]
 
 
 def _numbers(out: Path) -> list[tuple[str, dict]]:
@@ -36,20 +75,24 @@ def _numbers(out: Path) -> list[tuple[str, dict]]:
     return [(r["guide"], r["test"]) for r in doc["results"]]
 
 
-def _start_and_stop(cmd: list[str], out: Path, sig: int, wait_for: Path) -> subprocess.CompletedProcess:
-    """Start ``cmd``, send ``sig`` once ``wait_for`` exists (training is under way), return the finished process."""
+def _start_and_stop(args: list[str], sig: int, pause: tuple[Path, int, str],
+                    marker: Path) -> subprocess.CompletedProcess:
+    """``python -m pyro_lvm.experiments.vae *args`` in a fresh interpreter, paused at ``pause`` (see
+    :data:`PAUSING`); once it is paused there, send ``sig`` and return the finished process."""
+    target, nth, when = pause
+    cmd = [sys.executable, "-c", PAUSING, str(target), str(nth), when, str(marker), VAE, *args]
     # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
     # (``pytest &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C would do nothing
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(cmd, env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     deadline = time.monotonic() + HANG_GUARD_S
-    while not wait_for.exists() and proc.poll() is None:
-        if time.monotonic() > deadline:  # a hang, not a slow machine: never signal before the file exists
+    while not marker.exists() and proc.poll() is None:
+        if time.monotonic() > deadline:  # a hang, not a slow machine: never signal before the run has paused
             proc.kill()
             stderr = proc.communicate()[1]
-            pytest.fail(f"{wait_for} did not appear within {HANG_GUARD_S} s; the run was killed: {stderr[-2000:]}")
+            pytest.fail(f"the run did not reach {pause} within {HANG_GUARD_S} s; it was killed: {stderr[-2000:]}")
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be stopped: " + proc.communicate()[1][-2000:]
+    assert proc.poll() is None, f"the run ended before {pause}: " + proc.communicate()[1][-2000:]
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
@@ -72,26 +115,34 @@ def _assert_complete_or_absent(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, warm_cli: WarmCLI) -> tuple[Path, Path, Pending]:
+    """The run the stopped ones must finish like: started (forked) here, waited for where its numbers are needed, so
+    that it runs while the test starts its fresh interpreter."""
     root = tmp_path_factory.mktemp("whole")
     data = write_fake_mnist(root / "data")
     out = root / "run"
-    proc = subprocess.run(_cmd(*_flags(data, out)), env=ENV, capture_output=True, text=True, timeout=300)
+    return data, out, warm_cli.submit(VAE, _flags(data, out))
+
+
+def _whole(uninterrupted: tuple[Path, Path, Pending]) -> list:
+    _, out, pending = uninterrupted
+    proc = pending.result()
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return data, _numbers(out)
+    return _numbers(out)
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted")])
 def test_a_stopped_run_says_how_to_continue_and_resume_finishes_it(
-        tmp_path: Path, uninterrupted: tuple[Path, list], sig: int, code: int, word: str) -> None:
-    """Ctrl-C in a real process; SIGTERM's path (the same stop, exit 143) is checked in-process below, and the
-    kill -9 test resumes too."""
-    data, whole = uninterrupted
+        tmp_path: Path, uninterrupted: tuple[Path, Path, Pending], warm_cli: WarmCLI, sig: int, code: int,
+        word: str) -> None:
+    """Ctrl-C in a real process, while the second guide trains (its first epoch's checkpoint written, the first
+    guide's results too): those results survive, and the resume continues the second guide from its checkpoint.
+    SIGTERM's path (the same stop, exit 143) is checked in-process below; the kill -9 test resumes too. The first
+    guide's row comes from the fresh interpreter, the uninterrupted run's from a forked one: they must agree."""
+    data = uninterrupted[0]
     out = tmp_path / "run"
-    # stop once the first guide is written, while the second one trains: the first guide's results must survive.
-    # (Waiting for the second guide's first checkpoint instead left too little of the run on a loaded machine:
-    # it could finish before the signal arrived.)
-    stopped = _start_and_stop(_cmd(*_flags(data, out)), out, sig, out / "results.json")
+    stopped = _start_and_stop(_flags(data, out), sig, (out / "checkpoints" / "planar_2" / "last.ckpt", 1, "after"),
+                              tmp_path / "paused")
     assert stopped.returncode == code, stopped.stderr[-2000:]
     lines = stopped.stderr.strip().splitlines()
     assert "Traceback" not in stopped.stderr and len(lines) == 1 and lines[0].startswith(f"{word}: "), lines
@@ -101,23 +152,28 @@ def test_a_stopped_run_says_how_to_continue_and_resume_finishes_it(
     if sig != signal.SIGINT:
         return
     again = lines[0].split("continue with: ")[1].split()[2:]  # drop "pyro-lvm vae"
-    resumed = subprocess.run(_cmd(*again), env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = warm_cli.run(VAE, again)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _numbers(out) == whole
+    assert "planar:2 continues from the last checkpoint" in resumed.stderr, resumed.stderr
+    assert _numbers(out) == _whole(uninterrupted)
 
 
 def test_kill_9_leaves_only_complete_files_and_resume_finishes_the_run(
-        tmp_path: Path, uninterrupted: tuple[Path, list]) -> None:
-    data, whole = uninterrupted
+        tmp_path: Path, uninterrupted: tuple[Path, Path, Pending], warm_cli: WarmCLI) -> None:
+    """kill -9 in the middle of writing the first guide's second checkpoint: its temporary file is left, the first
+    checkpoint is whole, and the resume clears the one and continues from the other."""
+    data = uninterrupted[0]
     out = tmp_path / "run"
-    killed = _start_and_stop(_cmd(*_flags(data, out)), out, signal.SIGKILL,
-                             out / "checkpoints" / "amortized" / "metrics.csv")
+    last = out / "checkpoints" / "amortized" / "last.ckpt"
+    killed = _start_and_stop(_flags(data, out), signal.SIGKILL, (last, 2, "before"), tmp_path / "paused")
     assert killed.returncode == -signal.SIGKILL
+    assert list(last.parent.glob(".last.ckpt.*.tmp")), "the kill did not land in the middle of a write"
+    assert last.is_file() and not (out / "results.json").exists()
     _assert_complete_or_absent(out)
-    resumed = subprocess.run(_cmd(*_flags(data, out)[:-2], "--resume", str(out)), env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    resumed = warm_cli.run(VAE, [*_flags(data, out)[:-2], "--resume", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _numbers(out) == whole
+    assert "amortized continues from the last checkpoint" in resumed.stderr, resumed.stderr
+    assert _numbers(out) == _whole(uninterrupted)
     assert not list(out.rglob(".*.tmp"))  # a resumed run clears the temporary files a kill left behind
 
 
@@ -171,9 +227,9 @@ def test_sigterm_stops_a_run_between_guides_like_ctrl_c(tmp_path: Path, capsys: 
 FA_FLAGS = ["--latent-dim", "2", "--epochs", "2", "--iwae-k", "5", "--seed", "0"]
 
 
-def _pyro_lvm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", "factor_analysis", *args], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+def _pyro_lvm(cli: WarmCLI, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m pyro_lvm.experiments factor_analysis *args``, forked from the warm interpreter."""
+    return cli.run("pyro_lvm.experiments", ["factor_analysis", *args], cwd)
 
 
 def _refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -190,18 +246,17 @@ def _refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def wine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wine_run(tmp_path_factory: pytest.TempPathFactory, warm_cli: WarmCLI) -> Path:
     """A finished factor_analysis run on wine with the exact and amortized guides (copied by each test)."""
     out = tmp_path_factory.mktemp("wine") / "R"
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--output", str(out))
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--output",
+                     str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
 @pytest.fixture
 def run_copy(wine_run: Path, tmp_path: Path) -> Path:
-    import shutil
-
     out = tmp_path / "R"
     shutil.copytree(wine_run, out)
     return out
@@ -212,8 +267,9 @@ def _unchanged(out: Path, wine_run: Path) -> None:
     assert not (out / ".lock").exists()
 
 
-def test_resume_refuses_finished_guides_fitted_on_other_data(run_copy: Path, wine_run: Path) -> None:
-    proc = _pyro_lvm("--dataset", "iris", "--guide", "exact,amortized,amortized-fullcov", *FA_FLAGS,
+def test_resume_refuses_finished_guides_fitted_on_other_data(run_copy: Path, wine_run: Path,
+                                                             warm_cli: WarmCLI) -> None:
+    proc = _pyro_lvm(warm_cli, "--dataset", "iris", "--guide", "exact,amortized,amortized-fullcov", *FA_FLAGS,
                      "--resume", str(run_copy))
     _refused(proc, "--resume:", str(run_copy / "checkpoints" / "exact" / "fitted.pt"), "fitted on wine",
              "this run uses iris")
@@ -221,56 +277,62 @@ def test_resume_refuses_finished_guides_fitted_on_other_data(run_copy: Path, win
     assert not (run_copy / "checkpoints" / "amortized-fullcov").exists()
 
 
-def test_resume_refuses_finished_guides_of_another_latent_dim(run_copy: Path, wine_run: Path) -> None:
+def test_resume_refuses_finished_guides_of_another_latent_dim(run_copy: Path, wine_run: Path,
+                                                              warm_cli: WarmCLI) -> None:
     flags = [*FA_FLAGS]
     flags[1] = "3"
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *flags, "--resume", str(run_copy))
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *flags, "--resume",
+                     str(run_copy))
     _refused(proc, "--resume:", "fitted.pt", "latent_dim: saved 2, this run 3")
     _unchanged(run_copy, wine_run)
 
 
-def test_resume_refuses_other_settings_of_the_results(run_copy: Path, wine_run: Path) -> None:
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS[:-4], "--iwae-k", "7",
+def test_resume_refuses_other_settings_of_the_results(run_copy: Path, wine_run: Path, warm_cli: WarmCLI) -> None:
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS[:-4], "--iwae-k", "7",
                      "--seed", "0", "--resume", str(run_copy))
     _refused(proc, "--resume:", "results.json", "--iwae-k: saved 5, this run 7")
     _unchanged(run_copy, wine_run)
 
 
-def test_resume_refuses_a_finished_guide_saved_from_a_vae(run_copy: Path, wine_run: Path) -> None:
+def test_resume_refuses_a_finished_guide_saved_from_a_vae(run_copy: Path, wine_run: Path, warm_cli: WarmCLI) -> None:
     import pyro_lvm
 
     model = pyro_lvm.build_model("vae", 13, latent_dim=2)
     pyro_lvm.save(run_copy / "checkpoints" / "amortized" / "fitted.pt", model, pyro_lvm.build_guide("amortized", model))
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume", str(run_copy))
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume",
+                     str(run_copy))
     _refused(proc, "--resume:", str(run_copy / "checkpoints" / "amortized" / "fitted.pt"),
              "model: saved 'vae', this run 'factor_analysis'")
     _unchanged(run_copy, wine_run)
 
 
 @pytest.mark.parametrize("text", ["[]", '{"rows": 3}', '{"results": [3]}'], ids=["list", "no-results", "bad-row"])
-def test_resume_refuses_a_results_json_of_the_wrong_shape(run_copy: Path, text: str) -> None:
+def test_resume_refuses_a_results_json_of_the_wrong_shape(run_copy: Path, text: str, warm_cli: WarmCLI) -> None:
     (run_copy / "results.json").write_text(text)
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume", str(run_copy))
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume",
+                     str(run_copy))
     _refused(proc, "--resume:", str(run_copy / "results.json"), "not a results.json")
     assert (run_copy / "results.json").read_text() == text and not (run_copy / ".lock").exists()
 
 
-def test_resume_of_a_finished_run_says_so_and_reports_it_again(run_copy: Path, wine_run: Path) -> None:
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--resume",
+def test_resume_of_a_finished_run_says_so_and_reports_it_again(run_copy: Path, wine_run: Path,
+                                                               warm_cli: WarmCLI) -> None:
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--quiet", "--resume",
                      str(run_copy))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "every guide (exact, amortized) had finished" in lines[0], lines
     assert _numbers(run_copy) == _numbers(wine_run)
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume", str(run_copy))
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized", *FA_FLAGS, "--resume",
+                     str(run_copy))
     assert proc.returncode == 0 and "### factor_analysis on wine" in proc.stdout, proc.stderr[-2000:]
     assert sum("had finished" in line for line in proc.stderr.splitlines()) == 1
     assert not (run_copy / ".lock").exists()
 
 
-def test_resume_with_a_new_guide_says_which_guides_continue(run_copy: Path, wine_run: Path) -> None:
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact,amortized,amortized-fullcov", *FA_FLAGS, "--quiet",
-                     "--resume", str(run_copy))
+def test_resume_with_a_new_guide_says_which_guides_continue(run_copy: Path, wine_run: Path, warm_cli: WarmCLI) -> None:
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact,amortized,amortized-fullcov", *FA_FLAGS,
+                     "--quiet", "--resume", str(run_copy))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"resuming {run_copy}: exact, amortized had finished"), lines
@@ -279,15 +341,17 @@ def test_resume_with_a_new_guide_says_which_guides_continue(run_copy: Path, wine
     assert [g for g, _ in _numbers(run_copy)] == ["exact", "amortized", "amortized-fullcov"]
 
 
-def test_from_checkpoints_into_its_own_output_keeps_the_rows_not_rescored(run_copy: Path, wine_run: Path) -> None:
-    proc = _pyro_lvm("--dataset", "wine", "--guide", "exact", *FA_FLAGS, "--quiet", "--from-checkpoints",
+def test_from_checkpoints_into_its_own_output_keeps_the_rows_not_rescored(run_copy: Path, wine_run: Path,
+                                                                          warm_cli: WarmCLI) -> None:
+    proc = _pyro_lvm(warm_cli, "--dataset", "wine", "--guide", "exact", *FA_FLAGS, "--quiet", "--from-checkpoints",
                      str(run_copy), "--output", str(run_copy))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "keeping the rows of amortized" in proc.stderr
     assert dict(_numbers(run_copy)) == dict(_numbers(wine_run))
 
 
-def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(run_copy: Path, wine_run: Path) -> None:
+def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(run_copy: Path, wine_run: Path,
+                                                              warm_cli: WarmCLI) -> None:
     import socket
 
     lock = run_copy / ".lock"
@@ -295,22 +359,24 @@ def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(run_copy: Path, wi
     live = subprocess.Popen(["sleep", "300"])
     try:
         lock.write_text(f"{live.pid} {socket.gethostname()}\n")
-        _refused(_pyro_lvm(*args), "--resume:", "in use by another run", f"pid {live.pid}", str(lock))
+        _refused(_pyro_lvm(warm_cli, *args), "--resume:", "in use by another run", f"pid {live.pid}", str(lock))
         assert lock.read_text() == f"{live.pid} {socket.gethostname()}\n"  # another run's lock is left alone
         assert (run_copy / "results.json").read_bytes() == (wine_run / "results.json").read_bytes()
     finally:
         live.kill()
         live.wait()
     # the pid is dead now (reaped): a run killed with -9 left this lock, and the next run takes it over
-    proc = _pyro_lvm(*args)
+    proc = _pyro_lvm(warm_cli, *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not lock.exists()
 
 
-def test_a_fresh_output_is_locked_while_the_run_writes_and_removed_when_refused(tmp_path: Path) -> None:
+def test_a_fresh_output_is_locked_while_the_run_writes_and_removed_when_refused(tmp_path: Path,
+                                                                                warm_cli: WarmCLI) -> None:
     """A run refused after its lock was taken leaves no lock and no directory it created."""
     out = tmp_path / "new" / "R"
-    proc = _pyro_lvm("--data", str(tmp_path / "missing.csv"), "--guide", "exact", *FA_FLAGS, "--output", str(out))
+    proc = _pyro_lvm(warm_cli, "--data", str(tmp_path / "missing.csv"), "--guide", "exact", *FA_FLAGS, "--output",
+                     str(out))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "new").exists()
 
@@ -320,8 +386,6 @@ def test_a_stop_before_the_first_checkpoint_suggests_no_resume(tmp_path: Path, w
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C while the data load: nothing to --resume and no results.json to point to; the output directory the run
     made is gone. The same stop on --resume of a run with checkpoints says how to continue."""
-    import shutil
-
     from pyro_lvm import harness
     from pyro_lvm.experiments import factor_analysis as fa_experiment
 

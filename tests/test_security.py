@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import WarmCLI
 
 import pyro_lvm
 
@@ -34,10 +34,10 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+def cli(warm_cli: WarmCLI, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m pyro_lvm.experiments *args`` in ``cwd``, forked from the session's warm interpreter
+    (tests/cli_runner.py): its own process, so a payload that ran would run there, as in a fresh one."""
+    return warm_cli.run("pyro_lvm.experiments", args, cwd)
 
 
 def plant(path: Path, marker: Path) -> None:
@@ -57,9 +57,9 @@ def assert_refused(res: subprocess.CompletedProcess, marker: Path, needle: str) 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tmp_path_factory: pytest.TempPathFactory, warm_cli: WarmCLI) -> Path:
     out = tmp_path_factory.mktemp("sec") / "R"
-    res = cli("factor_analysis", *BASE, "--guide", GUIDE, "--output", str(out), cwd=out.parent)
+    res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--output", str(out), cwd=out.parent)
     assert res.returncode == 0, res.stderr
     return out
 
@@ -98,34 +98,36 @@ def test_fit_resume_refuses_a_checkpoint_that_runs_code(poisoned: tuple[Path, Pa
     assert not marker.exists()
 
 
-def test_from_checkpoints_refuses_a_file_that_runs_code(poisoned: tuple[Path, Path]) -> None:
+def test_from_checkpoints_refuses_a_file_that_runs_code(poisoned: tuple[Path, Path], warm_cli: WarmCLI) -> None:
     out, marker = poisoned
     plant(out / "checkpoints" / GUIDE / "fitted.pt", marker)
-    res = cli("factor_analysis", *BASE, "--guide", GUIDE, "--from-checkpoints", str(out),
+    res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--from-checkpoints", str(out),
               "--output", str(out.parent / "scored"), cwd=out.parent)
     assert_refused(res, marker, "fitted.pt")
 
 
-def test_inference_gaps_refuses_a_file_that_runs_code(poisoned: tuple[Path, Path]) -> None:
+def test_inference_gaps_refuses_a_file_that_runs_code(poisoned: tuple[Path, Path], warm_cli: WarmCLI) -> None:
     out, marker = poisoned
     plant(out / "checkpoints" / GUIDE / "fitted.pt", marker)
-    res = cli("inference_gaps", "--from-checkpoints", str(out), "--guide", GUIDE, "--points", "3",
+    res = cli(warm_cli, "inference_gaps", "--from-checkpoints", str(out), "--guide", GUIDE, "--points", "3",
               "--output", str(out.parent / "gaps"), cwd=out.parent)
     assert_refused(res, marker, "fitted.pt")
 
 
-def test_resume_refuses_a_finished_guides_file_that_runs_code(poisoned: tuple[Path, Path]) -> None:
+def test_resume_refuses_a_finished_guides_file_that_runs_code(poisoned: tuple[Path, Path],
+                                                              warm_cli: WarmCLI) -> None:
     out, marker = poisoned
     plant(out / "checkpoints" / GUIDE / "fitted.pt", marker)
-    res = cli("factor_analysis", *BASE, "--guide", GUIDE, "--resume", str(out), cwd=out.parent)
+    res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--resume", str(out), cwd=out.parent)
     assert_refused(res, marker, "fitted.pt")
 
 
-def test_resume_refuses_a_training_checkpoint_that_runs_code(poisoned: tuple[Path, Path]) -> None:
+def test_resume_refuses_a_training_checkpoint_that_runs_code(poisoned: tuple[Path, Path],
+                                                             warm_cli: WarmCLI) -> None:
     """An unfinished guide (no fitted.pt, no row): its last.ckpt is read by the harness and by Lightning."""
     out, marker = poisoned
     (out / "checkpoints" / GUIDE / "fitted.pt").unlink()
     (out / "results.json").unlink()
     plant(out / "checkpoints" / GUIDE / "last.ckpt", marker)
-    res = cli("factor_analysis", *BASE, "--guide", GUIDE, "--resume", str(out), cwd=out.parent)
+    res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--resume", str(out), cwd=out.parent)
     assert_refused(res, marker, "last.ckpt")

@@ -7,15 +7,13 @@ the API and the command line call the settings, and no deleted temporary checkpo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from test_faults import RUNNER, Case, _env, _outcome, _plan, _write_inputs
+from cli_runner import WarmCLI
+from test_faults import Case, _outcome, _plan, _run_forked, _write_inputs
 
 from pyro_lvm.config import MAX_SEED, MAX_THREADS, ConfigError
 from pyro_lvm.train import TrainConfig, default_warmup
@@ -44,19 +42,14 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Every case through the real command line, forked from one warm interpreter (tests/test_faults.py's runner)."""
+def outcomes(tmp_path_factory: pytest.TempPathFactory, warm_cli: WarmCLI) -> dict[str, Any]:
+    """Every case through the real command line, forked from one warm interpreter (tests/cli_runner.py)."""
     root = tmp_path_factory.mktemp("trust")
     shared = root / "shared"
     shared.mkdir()
     _write_inputs(shared)
     plan = [_plan(case, shared, root / case.id) for case in CASES]
-    (root / "plan.json").write_text(json.dumps(plan))
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(root / "plan.json")], cwd=root, env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    status = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {step["id"]: _outcome(step, status[step["id"]]) for step in plan}
+    return {step["id"]: _outcome(step, _run_forked(warm_cli, step)) for step in plan}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

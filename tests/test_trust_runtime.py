@@ -76,6 +76,28 @@ def test_torch_save_on_a_full_disk_is_one_clean_error_and_keeps_the_old_file(
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stop_that_arrives_while_torch_writes_stops_the_run_not_a_disk_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]) -> None:
+    """Ctrl-C or SIGTERM raised inside torch's write callback comes back from torch as ``RuntimeError: [enforce
+    fail] unexpected pos`` with the stop as its context: it is re-raised as the stop (the run ends as interrupted),
+    not reported as a full disk (CI once printed "could not write last.ckpt: the write failed part way")."""
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"w": torch.zeros(3)}, path)
+    old = path.read_bytes()
+
+    class _Stopped(_FullDisk):
+        def write(self, data: Any) -> int:
+            if self.room < len(data):
+                raise stop
+            return super().write(data)
+
+    monkeypatch.setattr(report, "open", lambda p, mode="r", *a, **k: _Stopped(p, mode, 700), raising=False)
+    with pytest.raises(stop):
+        atomic_torch_save({"w": torch.randn(10_000)}, path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 def test_a_full_disk_is_one_error_line_and_exit_2_at_the_command_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     _fill_disk(monkeypatch, 0)
@@ -178,7 +200,10 @@ def test_a_waiting_rank_stops_on_a_signal(tmp_path: Path, sig: int, code: int, w
         [sys.executable, "-m", "pyro_lvm.experiments.factor_analysis", "--dataset", "synthetic", "--guide", "exact",
          "--epochs", "2", "--num-nodes", "2", "--strategy", "ddp", "--accelerator", "cpu",
          "--output", str(tmp_path / "run"), "--quiet"], env=_one_of_two_nodes(), stderr=subprocess.PIPE, text=True,
-        cwd=tmp_path)
+        cwd=tmp_path,
+        # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+        # (``pytest &``) inherits SIGINT ignored, Python keeps an ignored SIGINT ignored, and Ctrl-C would do nothing
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:

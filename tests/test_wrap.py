@@ -143,11 +143,31 @@ def _discrete(x):
         pyro.sample("x", dist.Normal(c.unsqueeze(-1), 1.0).expand([len(x), x.shape[-1]]).to_event(1), obs=x)
 
 
-def _global_latent(x):
-    tau = pyro.sample("tau", dist.Gamma(1.0, 1.0))
+def _global_discrete(x):
+    k = pyro.sample("k", dist.Poisson(2.0))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z.unsqueeze(-1) + k, 1.0).expand([len(x), x.shape[-1]]).to_event(1), obs=x)
+
+
+def _global_without_prior(x):
+    tau = pyro.sample("tau", dist.ImproperUniform(dist.constraints.positive, (), ()))
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(z.unsqueeze(-1), tau).expand([len(x), x.shape[-1]]).to_event(1), obs=x)
+
+
+def _global_follows_points(x):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([len(x)]).to_event(1))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal((z + w).unsqueeze(-1), 1.0).expand([len(x), x.shape[-1]]).to_event(1), obs=x)
+
+
+def _observed_outside(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(0.0, 1.0).expand([len(x), x.shape[-1]]).to_event(2), obs=x)
 
 
 def _no_latent(x):
@@ -156,11 +176,14 @@ def _no_latent(x):
 
 
 @pytest.mark.parametrize("fn,needle", [
-    (_no_plate, "site 'z' is outside pyro.plate('data'"),
+    (_no_plate, "no site is inside pyro.plate('data', len(x)) (sites: 'z', 'x')"),
+    (_global_follows_points, "site 'w' is outside pyro.plate('data', len(x)) but its shape follows the points"),
     (_plate_at_dim_2, "at dim -2"),
     (_not_per_point, "site 'z' has batch shape (2, 3)"),
     (_discrete, "local site 'c' is discrete"),
-    (_global_latent, "latent site 'tau' is outside"),
+    (_global_discrete, "global latent site 'k' is discrete"),
+    (_global_without_prior, "global latent site 'tau' has no prior"),
+    (_observed_outside, "observed site 'x' is outside pyro.plate('data'"),
     (_no_latent, "no local latent site"),
 ])
 def test_each_rule_is_one_error_naming_the_site_at_wrap_time(fn: object, needle: str) -> None:
@@ -275,11 +298,26 @@ def test_the_readme_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.
     assert set(idata.posterior.data_vars) >= {"z", "s"} and bool((idata.posterior["s"] > 0).all())
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``pyro-lvm ARGS`` in ``cwd``: in a fresh interpreter (``fresh``), else through the same ``main`` in this one
+    (the interpreter's start and imports cost more than these tiny runs; ``fresh`` keeps one real ``python -m``)."""
+    import contextlib
+    import io
     import os
 
-    return subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from pyro_lvm.experiments.__main__ import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch.random.fork_rng(devices=[]):
+            code = main(list(args))
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -289,7 +327,7 @@ def model(x):
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(z.unsqueeze(-1), tau).expand([len(x), x.shape[-1]]).to_event(1), obs=x)
-""", "latent site 'tau' is outside"),
+""", "global latent sites (tau); name a family for each, LOCAL+GLOBAL, e.g. amortized+meanfield"),
     ("""
 def model(x):
     with pyro.plate("data", len(x)):
@@ -304,7 +342,7 @@ def test_fit_command_refuses_a_broken_model_in_one_line(tmp_path: Path, body: st
         src.write_text("import pyro, pyro.distributions as dist, torch\n" + body)
     out = tmp_path / "out"
     res = _cli("fit", "--model", f"{src}:model", "--dataset", "wine", "--epochs", "1", "--iwae-k", "2",
-               "--output", str(out), cwd=tmp_path)
+               "--output", str(out), cwd=tmp_path, fresh=body is None)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     assert needle in lines[0] and "Traceback" not in res.stdout + res.stderr
@@ -330,3 +368,128 @@ def test_fit_command_runs_a_count_model_end_to_end(tmp_path: Path) -> None:
     assert (out / "amortized.nc").is_file()
     loaded = pyro_lvm.load(out / "checkpoints" / "amortized" / "fitted.pt")
     assert loaded.model.sites.keys() == {"z", "s"}
+
+
+# ---------------------------------------------------------------------------------------------- global latents
+GLOBAL_FUNCTIONS = {"shifted_normal": functions.shifted_normal, "bayesian_pca": functions.bayesian_pca}
+GLOBAL_SUPPORTS = {"shifted_normal": {"z": "real", "tau": "real"},
+                   "bayesian_pca": {"z": "real", "W": "real", "sigma": "positive"}}
+GLOBAL_FAMILIES = ("map", "meanfield", "fullrank", "lowrank:2", "auto-iaf:2")
+# every global family beside a Gaussian local guide on the model with plated globals; two local families each way
+GLOBAL_CASES = ([("bayesian_pca", f"amortized+{g}") for g in GLOBAL_FAMILIES]
+                + [("shifted_normal", "iaf:2+meanfield"), ("shifted_normal", "amortized-fullcov+map")])
+
+
+@pytest.mark.parametrize("fn_name,spec", GLOBAL_CASES)
+def test_every_global_family_pairs_with_a_local_one(fn_name: str, spec: str, tmp_path: Path) -> None:
+    """A function with global latent sites: a LOCAL+GLOBAL pair fits, scores (IWAE-K ≥ ELBO within Monte Carlo error,
+    k̂ per point), exports every site in its support (the globals as draws of q(θ)) and round-trips save/load."""
+    x = _data(fn_name, d=3)
+    with pyro_lvm.runtime.seeded(0):
+        model = pyro_lvm.wrap_model(GLOBAL_FUNCTIONS[fn_name], data_dim=3)
+        guide = pyro_lvm.build_guide(spec, model)
+    assert model.global_sites == tuple(k for k in GLOBAL_SUPPORTS[fn_name] if k != "z")
+    pyro_lvm.fit(model, guide, x, epochs=2, batch_size=8, seed=0)
+    res = pyro_lvm.evaluate(model, guide, x, iwae_k=32, seed=0, global_draws=3)
+    assert math.isfinite(res["elbo"]) and res["iwae"] >= res["elbo"] - 0.05 * abs(res["elbo"])
+    assert res["per_point"]["pareto_k"].shape == (x.shape[0],)
+    idata = pyro_lvm.to_inference_data(model, guide, x, num_samples=25, points=[0, 1], seed=0)
+    for site, support in GLOBAL_SUPPORTS[fn_name].items():
+        v = torch.as_tensor(idata.posterior[site].values)
+        assert bool((torch.isfinite(v) if support == "real" else v > 0).all()), site
+        if site != "z":  # a global: one value per draw, not per point
+            assert "point" not in idata.posterior[site].dims
+    loaded = pyro_lvm.load(pyro_lvm.save(tmp_path / "fit.pt", model, guide))
+    again = pyro_lvm.evaluate(loaded.model, loaded.guide, x, iwae_k=32, seed=0, global_draws=3)
+    assert again["elbo"] == pytest.approx(res["elbo"], rel=1e-6)
+    assert loaded.guide.spec == spec
+
+
+def test_held_out_bounds_of_a_global_model_target_log_p_x_given_theta(float64: None) -> None:
+    """τ ~ N(0, 1), z_n ~ N(0, I), x_n ~ N(z_n + τ, I): given τ, p(z_n | x_n, τ) = N((x_n − τ)/2, I/2) and
+    log p(x_n | τ) = Σ_d log N(x_nd; τ, 2). With q(θ) a point mass (``map``) and the exact conditional as the local
+    guide, every log weight equals log p(x_n | τ̂): the per-point ELBO and IWAE-K are that number to rounding and k̂
+    is −inf. A global prior counted once per point (the defect this replaces) would shift each by log N(τ̂; 0, 1)."""
+    from pyro.nn import PyroModule
+
+    from pyro_lvm.models.base import data_plate
+
+    class ExactLocal(PyroModule):
+        def __init__(self, tau: torch.Tensor) -> None:
+            super().__init__()
+            self.tau = tau
+
+        def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+            with data_plate(x.shape[0], total_size, x.device):
+                pyro.sample("_u", dist.Normal((x - self.tau) / 2, math.sqrt(0.5)).to_event(1))
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64) * math.sqrt(2.0) + 0.5
+    with pyro_lvm.runtime.seeded(0):
+        model = pyro_lvm.wrap_model(functions.shifted_normal, data_dim=3).double()
+        guide = pyro_lvm.build_guide("amortized+map", model).double()
+    tau = guide.point_estimate(x)["tau"]
+    guide.local = ExactLocal(tau)
+    exact = torch.distributions.Normal(tau, math.sqrt(2.0)).log_prob(x).sum(-1)
+    res = pyro_lvm.evaluate(model, guide, x, iwae_k=50, seed=0)
+    for bound in ("elbo", "iwae"):
+        torch.testing.assert_close(res["per_point"][bound], exact, rtol=0, atol=1e-9)
+    assert bool((res["per_point"]["pareto_k"] == -math.inf).all())
+
+
+def test_minibatches_scale_the_per_point_terms_not_the_global_prior(float64: None) -> None:
+    """log p of a minibatch of B of N points: log p(τ) once + (N/B) Σ_batch [log p(z_n) + log p(x_n | z_n, τ)]."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    model = pyro_lvm.wrap_model(functions.shifted_normal, data_dim=3).double()
+    u, tau = torch.randn(6, 3, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    conditioned = pyro.poutine.condition(model, data={"_u": u, "tau": tau})
+    with pyro_lvm.runtime.local_params(model):
+        total = pyro.poutine.trace(conditioned).get_trace(x, total_size=60).log_prob_sum()
+    prior = dist.Normal(0.0, 1.0).log_prob(tau)
+    per_point = dist.Normal(0.0, 1.0).log_prob(u).sum() + dist.Normal(u + tau, 1.0).log_prob(x).sum()
+    torch.testing.assert_close(total, prior + 10.0 * per_point)
+
+
+def test_an_unconditioned_global_latent_is_never_scored_per_point() -> None:
+    """The evaluator's per-point terms refuse a global latent drawn inside the particle plate (it would add log p(θ)
+    to every point) rather than sum it N times."""
+    from pyro_lvm.evaluate import importance_traces, trace_terms
+
+    x = torch.randn(5, 3)
+    model = pyro_lvm.wrap_model(functions.shifted_normal, data_dim=3)
+    guide = pyro_lvm.build_guide("amortized+meanfield", model)
+    with pyro_lvm.runtime.local_params(model, guide):
+        guide_tr, model_tr = importance_traces(model, guide, x, 4)
+    with pytest.raises(ValueError, match="'tau' is a global latent"):
+        trace_terms(model, guide_tr, model_tr, (4, 5))
+
+
+def test_fit_command_trains_guide_pairs_for_a_model_with_global_latents(tmp_path: Path) -> None:
+    out = tmp_path / "R"
+    res = _cli("fit", "--model", "pyro_lvm.models.functions:bayesian_pca", "--dataset", "iris", "--guide",
+               "amortized+map,iaf:2+meanfield", "--epochs", "2", "--iwae-k", "8", "--output", str(out), "--quiet",
+               cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    doc = __import__("json").loads((out / "results.json").read_text())
+    rows = {r["guide"]: r for r in doc["results"]}
+    assert set(rows) == {"amortized+map", "iaf:2+meanfield"}
+    assert all(r["model"]["global_sites"] == ["W", "sigma"] and r["model"]["standardized"] for r in rows.values())
+    loaded = pyro_lvm.load(out / "checkpoints" / "iaf_2+meanfield" / "fitted.pt")
+    assert loaded.guide.spec == "iaf:2+meanfield" and loaded.model.global_sites == ("W", "sigma")
+
+
+def test_a_two_layer_vae_as_a_pyro_module_fits_and_reloads_from_its_class(tmp_path: Path) -> None:
+    """Two stochastic layers (z₂ → z₁ → x) with learned p(z₁|z₂): one amortized q over both sites; the module is
+    stored by its class and rebuilt for the data's width, its weights from the file."""
+    from pyro_lvm.models.functions import TwoLayerVAE
+
+    x = (torch.rand(32, 20, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    with pyro_lvm.runtime.seeded(0):
+        model = pyro_lvm.wrap_model(TwoLayerVAE(data_dim=20), data_dim=20)
+        guide = pyro_lvm.build_guide("iaf:2", model)
+    assert list(model.sites) == ["z2", "z1"] and model.latent_dim == 60
+    pyro_lvm.fit(model, guide, x, epochs=2, batch_size=16, seed=0)
+    res = pyro_lvm.evaluate(model, guide, x, iwae_k=16, seed=0)
+    assert math.isfinite(res["elbo"]) and res["iwae"] >= res["elbo"] - 0.05 * abs(res["elbo"])
+    loaded = pyro_lvm.load(pyro_lvm.save(tmp_path / "hvae.pt", model, guide))
+    assert pyro_lvm.evaluate(loaded.model, loaded.guide, x, iwae_k=16, seed=0)["elbo"] == pytest.approx(res["elbo"])
