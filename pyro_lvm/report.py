@@ -112,7 +112,7 @@ def results_table(payload: Mapping[str, Any], *, brief: bool = False) -> str:
     note = "Mean nats per test point" + (f"; IWAE-K with K = {k}." if k else ".")
     notes = [note] + [COLUMN_NOTES[key] for key, _ in used if key in COLUMN_NOTES and not brief]
     if hidden:
-        notes[0] += f" {hidden} more columns (gaps, KL, k̂ of q(θ), ...) in results.md and results.json."
+        notes[0] += f" {hidden} more columns in results.md and results.json."
     return f"### {title}\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
