@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -529,17 +530,21 @@ class AmortizedFlowGuide(DiagonalGaussianGuide):
         return dist.TransformedDistribution(base, transforms)
 
 
-def _register(name: str, family: FlowFamily) -> None:
-    def factory(model: LatentModel, config: GuideConfig, k: int | None) -> AmortizedFlowGuide:
-        return AmortizedFlowGuide(model, config, family, k or family.default_k)
+def register_flow_family(name: str, family: Any, guide_class: type | None = None) -> None:
+    """Register ``name`` as the guide family ``name:K``: ``guide_class(model, config, family, K)`` (default
+    :class:`AmortizedFlowGuide`), K defaulting to ``family.default_k``; the zuko flows register through it too."""
+    guide_class = guide_class or AmortizedFlowGuide
 
-    factory.__name__ = name
+    def factory(model: LatentModel, config: GuideConfig, k: int | None) -> Any:
+        return guide_class(model, config, family, k or family.default_k)
+
+    factory.__name__ = factory.__qualname__ = name
     register_guide(name, arg_name="K (number of transforms)", default_arg=family.default_k,
                    summary=f"{family.summary}, conditioned on the encoder")(factory)
 
 
 for _name in FLOWS:
-    _register(_name, FLOWS[_name])
+    register_flow_family(_name, FLOWS[_name])
 
 
 def flow_names() -> Sequence[str]:

@@ -148,8 +148,12 @@ def needs_pair(traits: ModelTraits) -> bool:
 def _example_pair(spec: str) -> str:
     """A pair that completes ``spec``, a local or a global family named alone."""
     entry, _ = parse_guide_spec(spec)
-    is_global = entry.requires(ModelTraits("m", None, ("θ",), None, False, "trace", ())) is None
-    return f"amortized+{spec}" if is_global else f"{spec}+meanfield"
+    return f"amortized+{spec}" if _is_global_family(entry) else f"{spec}+meanfield"
+
+
+def _is_global_family(entry: GuideEntry) -> bool:
+    """Whether a family guides global latents: it accepts a model that has them and no per-point latent."""
+    return entry.requires(ModelTraits("m", None, ("θ",), None, False, "trace", ())) is None
 
 
 def usable_guides(traits: ModelTraits) -> list[str]:
@@ -177,8 +181,7 @@ def check_guide(spec: str, traits: ModelTraits) -> tuple[GuideEntry, int | None]
                            (glob, dataclasses.replace(traits, local_site=None))):
             entry, _ = parse_guide_spec(part)
             reason = entry.requires(half) if traits.structure_known else None
-            if reason is not None or (part is local and entry.requires(dataclasses.replace(
-                    half, local_site=None, global_sites=("θ",))) is None):  # a global family on the left
+            if reason is not None or (part is local and _is_global_family(entry)):  # a global family on the left
                 raise ValueError(f"guide {spec.strip()!r}: {part!r} cannot be its "
                                  f"{'local' if part is local else 'global'} half"
                                  f"{': ' + reason if reason else ''}; write LOCAL+GLOBAL, e.g. iaf:2+meanfield")

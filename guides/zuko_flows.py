@@ -56,7 +56,7 @@ from pyro_lvm.registry import Registry
 
 from .amortized import DiagonalGaussianGuide
 from .config import GuideConfig
-from .registry import register_guide
+from .flows import register_flow_family
 
 
 class ZukoDistribution(dist.TorchDistribution):
@@ -205,17 +205,8 @@ class ZukoFlowGuide(DiagonalGaussianGuide):
         return self._distribution(base, contexts)
 
 
-def _register(name: str, family: ZukoFamily) -> None:
-    def factory(model: LatentModel, config: GuideConfig, k: int | None) -> ZukoFlowGuide:
-        return ZukoFlowGuide(model, config, family, k or family.default_k)
-
-    factory.__name__ = factory.__qualname__ = name
-    register_guide(name, arg_name="K (number of transforms)", default_arg=family.default_k,
-                   summary=f"{family.summary}, conditioned on the encoder")(factory)
-
-
 for _name in ZUKO_FLOWS:
-    _register(_name, ZUKO_FLOWS[_name])
+    register_flow_family(_name, ZUKO_FLOWS[_name], ZukoFlowGuide)
 
 
 def zuko_flow_names() -> Sequence[str]:

@@ -34,6 +34,11 @@ def data_plate(n: int, total_size: int | None = None, device: torch.device | Non
     return pyro.plate(DATA_PLATE, size=size, subsample=subsample, dim=-1, device=device)
 
 
+def in_data_plate(site: dict) -> bool:
+    """Whether a trace site (or a message being processed) sits inside the data plate: a per-point term."""
+    return any(f.name == DATA_PLATE for f in site.get("cond_indep_stack", ()))
+
+
 @dataclass(frozen=True)
 class ModelTraits:
     """What a model of a given config offers to guides, estimators and evaluators.

@@ -849,19 +849,11 @@ def _dataset(
         for start in range(0, len(first), _block_rows(width)):
             block = first[start:start + _block_rows(width)]
             moments.add(block if in_train is None else block[in_train[start:start + len(block)]])
-        mean, std = moments.mean_std()  # (D,)
-        spread = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
-        if len(spread):  # each value's square fits (checked above), yet their sum of squares does not
-            c = int(spread[0])
+        def largest(c: int) -> tuple[int, float]:
             r = int(np.argmax(np.abs(first[:, c])))
-            raise ValueError(
-                f"{where}: column {c}{_label(names, c)} cannot be standardized: its variance overflows float64 "
-                f"(largest value {first[r, c]:g} at row {r}, counting from 0); rescale that column (e.g. divide it "
-                "by a power of 10) or drop its largest values"
-            )
-        keep = std > 1e-8
-        if not keep.any():
-            raise ValueError(f"{where}: every column is constant in the train split; nothing is left to model")
+            return r, float(first[r, c])
+
+        mean, std, keep = _train_statistics(moments, where, names, largest)
     else:
         mean, std, keep = np.zeros(width), np.ones(width), np.ones(width, dtype=bool)
 
@@ -1017,6 +1009,27 @@ def _scan(a: _RowReader, cols: np.ndarray | None, width: int, which: np.ndarray 
     return out
 
 
+def _train_statistics(moments: _Moments, where: str, names: Sequence[str] | None,
+                      largest: Callable[[int], tuple[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, keep) of the train split from its accumulated ``moments``, for the in-memory and the streamed
+    path alike: refused where a column's variance overflows float64 (each value's square fits, checked before, yet
+    their sum does not; ``largest(c)`` gives the (row, value) to name) or every column is constant."""
+    mean, std = moments.mean_std()  # (D,)
+    spread = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
+    if len(spread):
+        c = int(spread[0])
+        r, value = largest(c)
+        raise ValueError(
+            f"{where}: column {c}{_label(names, c)} cannot be standardized: its variance overflows float64 "
+            f"(largest value {value:g} at row {r}, counting from 0); rescale that column (e.g. divide it "
+            "by a power of 10) or drop its largest values"
+        )
+    keep = std > 1e-8
+    if not keep.any():
+        raise ValueError(f"{where}: every column is constant in the train split; nothing is left to model")
+    return mean, std, keep
+
+
 def _largest(a: _RowReader, cols: np.ndarray | None, width: int, col: int) -> tuple[int, float]:
     """(row, value) of the largest magnitude in column ``col`` (first of ties), read block by block."""
     best, row, value = -1.0, 0, 0.0
@@ -1117,19 +1130,8 @@ def _streamed_dataset(
             raise _range_error(where_of[k], v, r, c, scans[k].over_rows[limit], len(srcs[k]), names,
                                standardize=standardize, dtype=dtype)
     if standardize:
-        mean, std = moments.mean_std()
-        spread = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
-        if len(spread):
-            c = int(spread[0])
-            r, value = _largest(readers["train"], cols["train"], width, c)
-            raise ValueError(
-                f"{where}: column {c}{_label(names, c)} cannot be standardized: its variance overflows float64 "
-                f"(largest value {value:g} at row {r}, counting from 0); rescale that column (e.g. divide it "
-                "by a power of 10) or drop its largest values"
-            )
-        keep = std > 1e-8
-        if not keep.any():
-            raise ValueError(f"{where}: every column is constant in the train split; nothing is left to model")
+        mean, std, keep = _train_statistics(moments, where, names,
+                                            lambda c: _largest(readers["train"], cols["train"], width, c))
     else:
         mean, std, keep = np.zeros(width), np.ones(width), np.ones(width, dtype=bool)
 

@@ -45,7 +45,7 @@ from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_lvm.config import check_config
-from pyro_lvm.models.base import DATA_PLATE, LatentModel
+from pyro_lvm.models.base import LatentModel, in_data_plate
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded, threads
 
@@ -135,7 +135,7 @@ def trace_terms(model: LatentModel, guide_tr: Any, model_tr: Any, shape: tuple[i
         for site in tr.nodes.values():
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
-            if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+            if not in_data_plate(site):
                 # not a per-point term: a global held at a draw of q(θ) (conditioned: observed) is the same for
                 # every point, and a global latent drawn here would be counted once per point (its prior N times)
                 if site["is_observed"]:

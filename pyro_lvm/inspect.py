@@ -23,7 +23,7 @@ import torch
 from pyro import poutine
 
 from pyro_lvm.evaluate import PARETO_K_THRESHOLD, importance_traces, psis, trace_terms
-from pyro_lvm.models.base import DATA_PLATE, LatentModel
+from pyro_lvm.models.base import LatentModel, in_data_plate
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded
 
@@ -311,7 +311,7 @@ def _replicate(model_tr: Any, shape: tuple[int, int, int]) -> torch.Tensor:
     """One draw from the model's observed site's distribution p(x | z) in a trace, shape (S, N, D)."""
     observed = [site for site in model_tr.nodes.values() if site["type"] == "sample" and site["is_observed"]
                 and not site["infer"].get("pyro_lvm_local", False)  # a wrapped function's latents: not data
-                and any(f.name == DATA_PLATE for f in site["cond_indep_stack"])]  # a global held at a draw: not data
+                and in_data_plate(site)]  # a global held at a draw: not data
     if len(observed) != 1:
         raise ValueError(f"to_inference_data: expected one observed site, found {[s['name'] for s in observed]}")
     value = observed[0]["fn"].sample()

@@ -57,7 +57,7 @@ from pyro.distributions.util import detach, is_identically_zero
 from pyro.infer import ELBO
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from pyro_lvm.models.base import DATA_PLATE, ModelTraits
+from pyro_lvm.models.base import DATA_PLATE, ModelTraits, in_data_plate
 from pyro_lvm.registry import Registry, split_spec
 
 
@@ -89,7 +89,7 @@ class IWAELoss(ELBO):
             for name, site in tr.nodes.items():
                 if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                     continue
-                if not any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                if not in_data_plate(site):
                     raise ValueError(f"iwae: site {name!r} is outside the {DATA_PLATE!r} plate; the per-point bound "
                                      "needs every latent to be per point (train global latents with the ELBO)")
                 fn = site["fn"]

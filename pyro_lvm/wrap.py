@@ -70,7 +70,7 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 
 from pyro_lvm.config import check_config
-from pyro_lvm.models.base import DATA_PLATE, LatentModel, ModelTraits, data_plate
+from pyro_lvm.models.base import DATA_PLATE, LatentModel, ModelTraits, data_plate, in_data_plate
 from pyro_lvm.registry import MODELS, Registry, register_model
 
 #: transforms of x applied before every encoder, by name
@@ -239,15 +239,20 @@ def _is_discrete(fn: Any) -> bool:
     return getattr(fn.support, "is_discrete", False)
 
 
+def _base_distribution(fn: Any) -> Any:
+    """``fn`` without the wrappers that keep its density's kind (``.to_event``, ``.mask``, ``.expand``)."""
+    while isinstance(fn, dist.Independent | dist.MaskedDistribution | dist.ExpandedDistribution):
+        fn = fn.base_dist
+    return fn
+
+
 def _global_site(name: str, fn: Any) -> str:
     """``name``, once its distribution is checked to be a prior an autoguide can guide: continuous, proper, with a
     support ``biject_to`` knows."""
     if _is_discrete(fn):
         raise ValueError(f"model: global latent site {name!r} is discrete ({type(fn).__name__}); discrete global "
                          "latents are not supported: make it a pyro.param, or sum it out in the function")
-    base = fn
-    while isinstance(base, dist.Independent | dist.MaskedDistribution | dist.ExpandedDistribution):
-        base = base.base_dist
+    base = _base_distribution(fn)
     if isinstance(base, dist.ImproperUniform | _Reparametrized):
         raise ValueError(f"model: global latent site {name!r} has no prior ({type(base).__name__}); give it a "
                          "proper distribution, or make it a pyro.param point estimate")
@@ -265,10 +270,7 @@ class _PlaceholderValues(Messenger):
 
     def _pyro_sample(self, msg: dict[str, Any]) -> None:
         fn = msg["fn"]
-        base = fn
-        while isinstance(base, dist.Independent | dist.MaskedDistribution | dist.ExpandedDistribution):
-            base = base.base_dist
-        if msg["value"] is None and isinstance(base, dist.ImproperUniform):
+        if msg["value"] is None and isinstance(_base_distribution(fn), dist.ImproperUniform):
             msg["value"] = biject_to(fn.support)(torch.zeros(fn.shape()))
 
 
@@ -281,7 +283,7 @@ class _ScalePerPoint(Messenger):
         self.scale = scale
 
     def _process_message(self, msg: dict[str, Any]) -> None:
-        if self.scale != 1.0 and any(f.name == DATA_PLATE for f in msg.get("cond_indep_stack", ())):
+        if self.scale != 1.0 and in_data_plate(msg):
             msg["scale"] = msg["scale"] * self.scale
 
 
@@ -379,7 +381,7 @@ class FunctionModel(LatentModel):
                                  f"features ({' '.join(str(e).split())[:200]}); it must take the data (points × "
                                  "features) as its first argument") from None
         samples = [s for s in tr.nodes.values() if s["type"] == "sample" and type(s["fn"]).__name__ != "_Subsample"]
-        if not any(f.name == DATA_PLATE for s in samples for f in s["cond_indep_stack"]):
+        if not any(in_data_plate(s) for s in samples):
             names = ", ".join(repr(s["name"]) for s in samples) or "none"
             raise ValueError(f"model: no site is inside pyro.plate({DATA_PLATE!r}, len(x)) (sites: {names}); put the "
                              f"per-point sites, site {samples[0]['name']!r} first, inside it" if samples else
