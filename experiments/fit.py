@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_split
+from pyro_lvm.config import ConfigError, check_choice, check_config, check_split
 from pyro_lvm.data import DataConfig, Dataset
-from pyro_lvm.guides import check_guide
+from pyro_lvm.guides import GuideConfig, check_guide
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.train import TrainConfig
@@ -50,6 +50,10 @@ class FitExperimentConfig(ExperimentConfig):
     log_likelihood: str = ""
     #: train / valid / test fractions of the data
     split: tuple[float, ...] = (0.6, 0.2, 0.2)
+    #: hidden layer sizes of the encoder MLP (every amortized guide's network from x)
+    hidden: tuple[int, ...] = (64,)
+    #: hidden layer sizes of each flow layer's hypernetwork
+    flow_hidden: tuple[int, ...] = (64,)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=200, batch_size=128, lr=1e-2, eval_every=10, checkpoint_every=1, restore_best=True))
 
@@ -57,6 +61,8 @@ class FitExperimentConfig(ExperimentConfig):
         super().__post_init__()
         check_choice(self, "encoder_input", ["auto", *ENCODER_INPUTS.names()])
         check_split(self)
+        self.hidden, self.flow_hidden = tuple(self.hidden), tuple(self.flow_hidden)
+        check_config(self, layers=("hidden", "flow_hidden"))
         for name in ("model", "log_likelihood"):  # an unimportable function is refused before any data are loaded
             if getattr(self, name):
                 try:
@@ -92,6 +98,11 @@ class FitExperiment(Experiment):
     Config = FitExperimentConfig
     summary = "your own Pyro model function (--model file.py:fn): every guide on held-out bounds"
     choices = {"encoder_input": lambda: ["auto", *ENCODER_INPUTS.names()]}
+    train_flags = ("epochs", "warmup_epochs", "patience", "batch_size", "lr", "lr_final_factor", "eval_every",
+                   "num_particles")
+
+    def guide_config(self, cfg: FitExperimentConfig) -> GuideConfig:
+        return GuideConfig(hidden=cfg.hidden, flow_hidden=cfg.flow_hidden)
 
     def model_traits(self, cfg: FitExperimentConfig) -> ModelTraits:
         return FunctionModel.traits_for(None)
@@ -127,7 +138,8 @@ class FitExperiment(Experiment):
     def extras(self, cfg: FitExperimentConfig, ds: Dataset, spec: str, model: LatentModel, guide: Any,
                fr: Any) -> dict[str, Any]:
         return {"model": {"target": cfg.model, "local_sites": list(model.sites),
-                          "global_sites": list(model.global_sites), "encoder_input": model.encoder_input_name,
+                          "global_sites": list(model.global_sites),
+                          "discrete_sites": list(model.discrete_sites), "encoder_input": model.encoder_input_name,
                           "standardized": standardized(cfg)}}
 
     def describe(self, row: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
+from pyro_lvm.config import ConfigError, ReadableConfig, check_choice, check_config, to_dict
 from pyro_lvm.data import DataConfig, Dataset, dataset_entry, load_dataset, load_file
 from pyro_lvm.gaps import GapConfig, inference_gaps
 from pyro_lvm.guides import parse_guide_spec
@@ -53,7 +53,7 @@ PROVENANCE_KEYS = ("source", "sha256", "shape", "columns", "splits", "standardiz
 
 
 @dataclass
-class GapsExperimentConfig:
+class GapsExperimentConfig(ReadableConfig):
     #: model family of the fits: factor_analysis (factor analysis or PPCA) or vae
     model: str = "vae"
     #: guide specs NAME[:K] whose fits are scored, each from DIR/checkpoints/<guide>/fitted.pt

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyro_lvm.config import ConfigError, check_choice, check_config
+from pyro_lvm.config import ConfigError, ReadableConfig, check_choice, check_config
 from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES
 
 
 @dataclass
-class GuideConfig:
+class GuideConfig(ReadableConfig):
     """Network sizes and kinds shared by the amortized guides."""
 
     #: hidden layer sizes of the encoder MLP; ``()`` makes a linear encoder (ignored by conv architectures)

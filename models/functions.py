@@ -49,6 +49,41 @@ def factor_analysis_log_likelihood(x: torch.Tensor, W: torch.Tensor, mu: torch.T
     return dist.MultivariateNormal(mu, covariance_matrix=cov).log_prob(x)
 
 
+#: clusters of :func:`latent_clusters`
+CLUSTERS = 3
+
+
+def latent_clusters(x: torch.Tensor) -> None:
+    r"""Factor analysis whose factors come from a mixture: a discrete local site, summed out.
+
+    c_n ~ Categorical(π),   z_n | c_n ~ N(m_{c_n}, I_K),   x_n | z_n ~ N(μ + z_n W, diag ψ);
+    π, m, W, μ, ψ point estimates. The cluster c_n is marked ``infer={"enumerate": "parallel"}``: the wrapped
+    model sums it out exactly, and the guide is q(z_n | x_n) alone (see :func:`latent_clusters_log_likelihood`
+    for the exact log p(x_n)).
+    """
+    from pyro.ops.indexing import Vindex
+
+    d = x.shape[-1]
+    weights = pyro.param("weights", lambda: torch.full((CLUSTERS,), 1.0 / CLUSTERS),
+                         constraint=dist.constraints.simplex)
+    m = pyro.param("m", lambda: 2.0 * torch.randn(CLUSTERS, K))
+    W = pyro.param("W", lambda: 0.5 * torch.randn(K, d))
+    mu = pyro.param("mu", lambda: torch.zeros(d))
+    psi = pyro.param("psi", lambda: torch.ones(d), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        c = pyro.sample("c", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(Vindex(m)[..., c, :], 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(mu + z @ W, psi.sqrt()).to_event(1), obs=x)
+
+
+def latent_clusters_log_likelihood(x: torch.Tensor, weights: torch.Tensor, m: torch.Tensor, W: torch.Tensor,
+                                   mu: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    r"""The exact log p(x_n) of :func:`latent_clusters`: log Σ_c π_c N(x_n; μ + m_c W, WᵀW + diag ψ)."""
+    cov = W.T @ W + torch.diag(psi)
+    per_cluster = dist.MultivariateNormal(mu + m @ W, covariance_matrix=cov).log_prob(x.unsqueeze(-2))  # (N, C)
+    return (per_cluster + weights.log()).logsumexp(-1)
+
+
 def topic_weights(x: torch.Tensor) -> None:
     r"""A simplex per point: θ_n ~ Dir(1), x_n | θ_n ~ N(θ_n B, 1); B point estimate (K + 1 topics)."""
     d = x.shape[-1]

@@ -8,6 +8,7 @@ naming the flag — and never deep inside a fit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -202,3 +203,101 @@ def _coerce(tp: Any, v: Any) -> Any:
 
         return getattr(torch, v) if isinstance(v, str) else v
     return v
+
+
+# ---------------------------------------------------------------------------------------------
+# How a config prints: the fields that differ from their defaults (scikit-learn's ``print_changed_only``)
+
+#: a config's repr wraps to lines of at most this many characters and shows at most :data:`REPR_LINES` lines
+REPR_WIDTH = 100
+REPR_LINES = 5
+
+
+def changed_fields(cfg: object, base: object | None = None) -> dict[str, Any]:
+    """The fields of dataclass ``cfg`` that differ from their defaults (``base``'s values, where given), in field
+    order (a field without a default, e.g. a model config's ``data_dim``, always counts as changed)."""
+    out = {}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        if not f.repr:
+            continue
+        value = getattr(cfg, f.name)
+        if base is not None:
+            default = getattr(base, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            out[f.name] = value
+            continue
+        try:
+            same = bool(value == default) and isinstance(value, bool) == isinstance(default, bool)
+        except Exception:  # noqa: BLE001 - values that do not compare to one bool (arrays): shown
+            same = False
+        if not same:
+            out[f.name] = value
+    return out
+
+
+def config_repr(cfg: object, base: object | None = None) -> str:
+    """``TrainConfig(epochs=5, lr=0.01)``: the class and the fields that differ from their defaults (from ``base``'s
+    values, where given), wrapped to :data:`REPR_WIDTH` characters a line and cut to :data:`REPR_LINES` lines
+    (``dataclasses.asdict`` lists every field); ``TrainConfig()`` where none differs. A nested config shows what
+    differs from the default's nested config (an experiment's ``train=TrainConfig(epochs=7)``: the experiment's own
+    training defaults are not news)."""
+    name = type(cfg).__name__
+    defaults = {}
+    if base is None and dataclasses.is_dataclass(cfg):
+        with contextlib.suppress(TypeError, ValueError):  # a config with required fields has no default instance
+            defaults = {f.name: getattr(type(cfg)(), f.name) for f in dataclasses.fields(cfg)}
+    parts = []
+    for k, v in changed_fields(cfg, base).items():
+        nested = getattr(base, k, None) if base is not None else defaults.get(k)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type) and type(nested) is type(v) and \
+                type(v).__repr__ is config_repr:
+            parts.append(f"{k}={' '.join(line.strip() for line in config_repr(v, nested).splitlines())}")
+        else:
+            parts.append(f"{k}={v!r}")
+    one = f"{name}({', '.join(parts)})"
+    if len(one) <= REPR_WIDTH:
+        return one
+    indent = " " * (len(name) + 1)
+    lines, line = [], f"{name}("
+    for i, part in enumerate(parts):
+        piece = part + (", " if i < len(parts) - 1 else ")")
+        if len(line) + len(piece.rstrip()) > REPR_WIDTH and line.strip() not in (f"{name}(", ""):
+            lines.append(line.rstrip())
+            line = indent
+        line += piece
+    lines.append(line)
+    if len(lines) > REPR_LINES:
+        shown = "".join(lines[:REPR_LINES - 1]).count("=")
+        lines = [*lines[:REPR_LINES - 1], f"{indent}... {len(parts) - shown} more changed fields "
+                                          "(dataclasses.asdict lists every field))"]
+    return "\n".join(lines)
+
+
+def _dataclass_made(fn: Any) -> bool:
+    """Whether ``fn`` is the ``__repr__`` that ``@dataclass`` wrote (code generated from a string), not one of the
+    class's own."""
+    code = getattr(getattr(fn, "__wrapped__", fn), "__code__", None)
+    return code is not None and code.co_filename == "<string>"
+
+
+def readable(cls: type[C]) -> type[C]:
+    """Make config dataclass ``cls`` print as :func:`config_repr` (changed fields only), unless it defines its own
+    ``__repr__``; equality, ``dataclasses.asdict`` and :func:`to_dict` are untouched. Returns ``cls``."""
+    if dataclasses.is_dataclass(cls) and _dataclass_made(cls.__dict__.get("__repr__")):
+        cls.__repr__ = config_repr  # type: ignore[method-assign]
+    return cls
+
+
+class ReadableConfig:
+    """Base of the library's config dataclasses: each subclass (and its subclasses) prints as :func:`config_repr`,
+    the fields that differ from their defaults, unless it writes its own ``__repr__``. (Set before ``@dataclass``
+    runs, which then keeps it: the generated repr would list every field, 40 of a ``TrainConfig``.)"""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__repr__" not in cls.__dict__:
+            cls.__repr__ = config_repr  # type: ignore[method-assign]

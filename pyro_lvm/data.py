@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pyro_lvm.checks import LazyRows, _dataframe_to_numpy, check_matrix, is_dataframe, nonfinite_message, one_line
-from pyro_lvm.config import ConfigError, check_config
+from pyro_lvm.config import ConfigError, ReadableConfig, check_config
 from pyro_lvm.registry import Registry, UnknownNameError
 
 #: environment variable naming the directory that holds binarized MNIST
@@ -43,7 +43,7 @@ SPLITS = ("train", "valid", "test")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ReadableConfig):
     seed: int = 0
     #: train / valid / test fractions for data sets without a fixed split
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)

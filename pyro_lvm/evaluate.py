@@ -42,16 +42,17 @@ from pyro import poutine
 from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoDelta
 from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.subsample_messenger import _Subsample
 
-from pyro_lvm.config import check_config
+from pyro_lvm.config import ConfigError, ReadableConfig, check_config
 from pyro_lvm.models.base import LatentModel, in_data_plate
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded, threads
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ReadableConfig):
     #: importance samples per point for the ELBO and IWAE-K estimates
     iwae_k: int = 1000
     #: largest points × samples evaluated at once; bounds peak memory
@@ -67,10 +68,15 @@ class EvalConfig:
     seed: int | None = None
     #: torch threads during evaluation (``None``: leave the caller's setting)
     threads: int | None = None
+    #: draw and score through the model's fused importance pass where it has one (:func:`fused_sampler`: the
+    #: VAE's, without Pyro traces); ``False``: Pyro traces for every model. The same draws either way
+    fused: bool = True
 
     def __post_init__(self) -> None:
         check_config(self, positive_int=("iwae_k", "max_rows", "posterior_samples", "global_draws", "threads"),
                      nonneg=("active_threshold",))
+        if not isinstance(self.fused, bool):
+            raise ConfigError("fused", f"must be True or False, got {self.fused!r}")
 
 
 Evaluator = Callable[[LatentModel, Any, torch.Tensor, EvalConfig], dict[str, torch.Tensor]]
@@ -126,6 +132,21 @@ def log_weight_terms(
     with local_params(model, guide):
         guide_tr, model_tr = importance_traces(model, guide, x, num_samples)
     return trace_terms(model, guide_tr, model_tr, (num_samples, x.shape[0]))
+
+
+def fused_sampler(model: LatentModel, guide: Any, x: torch.Tensor) -> Callable[[int], dict[str, torch.Tensor]] | None:
+    """The model's fused importance pass for the points ``x``, or ``None`` where Pyro traces must score them.
+
+    A model may offer ``importance_sampler(guide, x)``: a function of S returning what :func:`log_weight_terms`
+    returns for S draws per point, from the same random numbers, or ``None`` for a guide it cannot score so (the
+    VAE's: :meth:`pyro_lvm.models.VAE.importance_sampler`). Wrapped functions and every other model have none and
+    go through traces. So does any call under an active Pyro handler (``poutine.condition``, ``scale``, ``mask``):
+    only a trace sees what the handler does."""
+    make = getattr(model, "importance_sampler", None)
+    if make is None or am_i_wrapped():
+        return None
+    with local_params(model, guide):
+        return make(guide, x)
 
 
 def trace_terms(model: LatentModel, guide_tr: Any, model_tr: Any, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -304,7 +325,7 @@ class PsisAccumulator:
 
 @torch.no_grad()
 def per_point_bounds(
-    model: LatentModel, guide: Any, x: torch.Tensor, num_samples: int, max_rows: int = 25_000
+    model: LatentModel, guide: Any, x: torch.Tensor, num_samples: int, max_rows: int = 25_000, fused: bool = True
 ) -> dict[str, torch.Tensor]:
     """ELBO, IWAE-K, reconstruction, KL, posterior means and PSIS diagnostics for every point of ``x``.
 
@@ -314,6 +335,12 @@ def per_point_bounds(
     and ``z_mean_psis`` (Σ_k w̃_k z_k with the smoothed, normalised weights w̃; the self-normalised
     importance-sampling mean where no Pareto fit is made). The PSIS step draws no random numbers, so the
     bounds for a given seed are those computed without it.
+
+    Each chunk of points is scored by the model's fused importance pass where it has one and ``fused`` is true
+    (:func:`fused_sampler`: the VAE's, which runs the encoder once per chunk of points and the decoder in
+    cache-sized row blocks), else by Pyro traces (:func:`log_weight_terms`); both draw the same z from the same
+    random numbers. Peak memory: O(``max_rows`` × (latent_dim + data_dim)) for the traces (the decoder's output
+    for a whole chunk), O(``max_rows`` × latent_dim) plus one row block for the fused pass.
     """
     n = x.shape[0]
     points = max(1, min(n, max_rows // num_samples))
@@ -324,9 +351,14 @@ def per_point_bounds(
         xb = x[start:start + points]
         lse, sums = [], {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "z_mean": 0.0}
         acc = PsisAccumulator(num_samples)
+        draw = fused_sampler(model, guide, xb) if fused else None
         for s0 in range(0, num_samples, samples):
             s = min(samples, num_samples - s0)
-            t = log_weight_terms(model, guide, xb, s)
+            if draw is None:
+                t = log_weight_terms(model, guide, xb, s)
+            else:
+                with local_params(model, guide):
+                    t = draw(s)
             dtype = t["log_lik"].dtype
             resolution = max(torch.finfo(t[k].dtype).eps for k in ("log_lik", "log_prior", "log_q"))
             # log w in float64: each term carries its own dtype's rounding, but the difference log p − log q
@@ -377,13 +409,13 @@ def importance_bounds(model: LatentModel, guide: Any, x: torch.Tensor, config: E
     draws (the local guide is trusted at a point only if it is under every θ_s)."""
     global_sites = tuple(getattr(model, "global_sites", ()))
     if not global_sites or getattr(model, "evaluator", "importance") != "importance":
-        return per_point_bounds(model, guide, x, config.iwae_k, config.max_rows)
+        return per_point_bounds(model, guide, x, config.iwae_k, config.max_rows, config.fused)
     local = getattr(guide, "local", guide)
     runs = []
     for _ in range(1 if guide.is_point_mass else config.global_draws):
         theta = guide.sample_globals(x)
         with poutine.condition(data=theta):
-            runs.append(per_point_bounds(model, local, x, config.iwae_k, config.max_rows))
+            runs.append(per_point_bounds(model, local, x, config.iwae_k, config.max_rows, config.fused))
     out = {k: torch.stack([r[k] for r in runs]).mean(0) for k in runs[0] if k != "pareto_k"}
     out["pareto_k"] = torch.stack([r["pareto_k"] for r in runs]).amax(0)
     return out

@@ -44,14 +44,14 @@ import pyro
 import torch
 from pyro.distributions import Distribution
 
-from pyro_lvm.config import check_config
+from pyro_lvm.config import ReadableConfig, check_config
 from pyro_lvm.evaluate import log_weight_terms, release_freed_memory
 from pyro_lvm.models.base import LatentModel, data_plate
 from pyro_lvm.runtime import local_params, seeded
 
 
 @dataclass
-class GapConfig:
+class GapConfig(ReadableConfig):
     #: most Adam steps of the per-point optimisation
     num_steps: int = 3000
     #: Adam's learning rate for the per-point parameters (cut by lr_decay at each plateau)

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from pyro_lvm.config import ConfigError, check_config, to_dict
+from pyro_lvm.config import ConfigError, ReadableConfig, check_config, to_dict
 from pyro_lvm.data import DataConfig, Dataset, dataset_entry, dataset_names, load_dataset, load_file
 from pyro_lvm.evaluate import EvalConfig, evaluate, public
 from pyro_lvm.guides import GuideConfig, check_guide
@@ -60,7 +60,7 @@ from pyro_lvm.train import FitResult, TrainConfig, check_elbo, fit, load_checkpo
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(ReadableConfig):
     """Settings every experiment shares (each experiment's config adds its own fields)."""
 
     #: a registered data set (``pyro-lvm --help`` lists them)
@@ -223,8 +223,10 @@ class Experiment:
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
-#: TrainConfig fields every experiment exposes as flags: the optimiser, and where and how Lightning trains
-TRAINER_FLAGS = ("optimizer", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers", "ddp_timeout")
+#: TrainConfig fields every experiment exposes as flags: the optimiser, where and how Lightning trains, how often a
+#: run whose output is not a terminal prints a progress line
+TRAINER_FLAGS = ("optimizer", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers", "ddp_timeout",
+                 "progress_seconds")
 
 
 def register_experiment(name: str) -> Any:
@@ -426,7 +428,8 @@ def restore(experiment: Experiment, cfg: Any, ds: Dataset, spec: str, model: Lat
     training."""
     fitted, best, last = checkpoint_files(cfg.from_checkpoints, spec)
     history = saved_history(last)
-    fr = FitResult(history=history, train_seconds=history[-1]["seconds"] if history else 0.0)
+    fr = FitResult(history=history, train_seconds=history[-1]["seconds"] if history else 0.0,
+                   model_name=getattr(model, "name", ""), guide_spec=spec)
     if fitted.is_file():
         f = load_fitted(fitted, device=accelerator_device(cfg.train.accelerator))
         _refuse_differences(fitted, fit_differences(f, model, guide))
@@ -516,7 +519,7 @@ RUN_FIELDS = frozenset({"guides", "output", "resume", "from_checkpoints", "quiet
                         "inspect_points", "inspect_samples", "dataset", "data"})
 #: TrainConfig fields of the same kind: where and how fast the fit runs, where it writes
 TRAIN_RUN_FIELDS = frozenset({"output", "resume", "quiet", "threads", "accelerator", "devices", "num_nodes",
-                              "ddp_timeout", "strategy", "workers"})
+                              "ddp_timeout", "strategy", "workers", "progress_seconds"})
 #: what :meth:`Dataset.provenance` records that makes the data (``path`` aside: a moved file is the same data)
 DATA_FIELDS = ("source", "sha256", "shape", "columns", "splits", "standardized", "dropped_constant_columns",
                "split_fractions", "seed")

@@ -22,7 +22,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyro_lvm.evaluate import PARETO_K_THRESHOLD, importance_traces, psis, trace_terms
+from pyro_lvm.evaluate import PARETO_K_THRESHOLD, _draws_by_points, importance_traces, psis, trace_terms
 from pyro_lvm.models.base import LatentModel, in_data_plate
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import local_params, seeded
@@ -75,6 +75,7 @@ def local_latent_draws(model: LatentModel, guide: Any, x: torch.Tensor, num_samp
     log_lik, log_p, log_q = (np.empty((num_samples, n), dtype) for _ in range(3))
     global_sites = tuple(getattr(model, "global_sites", ()))
     theta_draws: dict[str, list[np.ndarray]] = {}
+    discrete: dict[str, np.ndarray] = {}
     points = max(1, min(n, MAX_ROWS // num_samples))
     # with global latents each draw s is a joint one: θ_s ~ q(θ), then z_{s,n} ~ q(z|x_n) scored at θ_s
     samples = 1 if global_sites else max(1, min(num_samples, MAX_ROWS // points))
@@ -89,7 +90,10 @@ def local_latent_draws(model: LatentModel, guide: Any, x: torch.Tensor, num_samp
         log_lik[s0:s0 + s, p0:p1] = _np(t["log_lik"])
         log_p[s0:s0 + s, p0:p1] = _np(t["log_lik"] + t["log_prior"])
         log_q[s0:s0 + s, p0:p1] = _np(t["log_q"])
-        x_rep[s0:s0 + s, p0:p1] = _np(_replicate(model_tr, (s, xb.shape[0], d)))
+        rep, sites = _replicate(model_tr, (s, xb.shape[0], d))
+        x_rep[s0:s0 + s, p0:p1] = _np(rep)
+        for name, v in sites.items():  # discrete sites summed out in the model: drawn from p(c | z, x)
+            discrete.setdefault(name, np.zeros((num_samples, n), np.int64))[s0:s0 + s, p0:p1] = _np(v)
 
     if global_sites:
         for s0 in range(num_samples):
@@ -107,6 +111,8 @@ def local_latent_draws(model: LatentModel, guide: Any, x: torch.Tensor, num_samp
         posterior, dims = model.unpack_draws(z)
     else:
         posterior, dims = {model.local_site: z}, {model.local_site: ["point", "latent"]}
+    for name, values in discrete.items():
+        posterior[name], dims[name] = values, ["point"]
     for name, values in theta_draws.items():  # each global under its own name, its dims named after it
         posterior[name] = np.stack(values)
         dims[name] = [f"{name}_dim_{i}" for i in range(posterior[name].ndim - 1)]
@@ -307,15 +313,19 @@ def psis_means(draws: Draws, smoothed: torch.Tensor,
     return out
 
 
-def _replicate(model_tr: Any, shape: tuple[int, int, int]) -> torch.Tensor:
-    """One draw from the model's observed site's distribution p(x | z) in a trace, shape (S, N, D)."""
+def _replicate(model_tr: Any, shape: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One draw from the model's observed site's distribution p(x | z) in a trace, shape (S, N, D), and the values
+    of the discrete sites summed out in the model that it was drawn at (each (S, N); none for most models)."""
     observed = [site for site in model_tr.nodes.values() if site["type"] == "sample" and site["is_observed"]
                 and not site["infer"].get("pyro_lvm_local", False)  # a wrapped function's latents: not data
                 and in_data_plate(site)]  # a global held at a draw: not data
     if len(observed) != 1:
         raise ValueError(f"to_inference_data: expected one observed site, found {[s['name'] for s in observed]}")
-    value = observed[0]["fn"].sample()
-    return value.reshape(value.shape[:1] + value.shape[-2:]).expand(shape) if value.dim() > 3 else value.expand(shape)
+    fn = observed[0]["fn"]
+    value, sites = fn.sample_with_sites() if hasattr(fn, "sample_with_sites") else (fn.sample(), {})
+    sites = {k: _draws_by_points(v, 0).expand(shape[:2]) for k, v in sites.items()}
+    return (value.reshape(value.shape[:1] + value.shape[-2:]).expand(shape) if value.dim() > 3
+            else value.expand(shape)), sites
 
 
 @contextlib.contextmanager

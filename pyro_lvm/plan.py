@@ -246,6 +246,11 @@ class SVIPlan(pl.LightningModule):
         self._sum += self.last_loss * len(batch)
         self._count += len(batch)
 
+    @property
+    def epoch_loss(self) -> float:
+        """The mean training loss (−ELBO per point) of this epoch's steps so far, in this process; NaN before any."""
+        return self._sum / self._count if self._count else math.nan
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # wall time per iteration, end to end: data, forward, backward, clipping, update and every hook
         now = time.perf_counter()
@@ -697,6 +702,111 @@ class WaitingDDP(pl.strategies.DDPStrategy):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+class ProgressLines(Callback):
+    """Progress for output that is not a terminal (a log file, a CI job, a notebook cell), where a progress bar would
+    print nothing useful: one line on ``stream`` (default: ``sys.stderr``) at least every ``every`` seconds of wall
+    time, read from ``clock`` (``time.monotonic``; inject another to test without real time)::
+
+        amortized: epoch 3/100, step 120/4000, train loss 12.345, valid ELBO -12.5 (epoch 3), 1m30s elapsed, ETA 48m10s
+
+    The clock is read after every step and at the end of every epoch, after its validation: a step at which the
+    interval has run out prints a line then (a long epoch reports within it), and an epoch in which the interval
+    ran out prints one more line at its end, with its validation bound. A fit that printed a line ends with a
+    ``done`` line. The train loss is the mean of the epoch's steps so far (−ELBO per point); the ETA is the
+    remaining steps at this run's mean time per step (early stopping may end the fit sooner). Only the process of
+    rank 0 prints. :func:`pyro_lvm.fit` adds one (``TrainConfig.progress_seconds``, ``--progress-seconds``) where
+    stderr is not a terminal, unless ``callbacks`` hold one already."""
+
+    #: the default clock, a class attribute so that a test can set a fake one for every fit of a process
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def __init__(self, every: float = 30.0, *, label: str = "", clock: Callable[[], float] | None = None,
+                 stream: Any = None) -> None:
+        if isinstance(every, bool) or not isinstance(every, int | float) or not math.isfinite(every) or every <= 0:
+            raise ValueError(f"every: must be a finite number of seconds > 0, got {every!r}")
+        self.every, self.label, self.stream = float(every), label, stream
+        if clock is not None:
+            self.clock = clock  # type: ignore[method-assign]
+        self.printed = 0
+        self._t0 = self._due = 0.0
+        self._steps = 0  # steps of this run (a resumed fit's earlier steps are not timed here)
+        self._crossed = False
+        self._last: int | None = None  # the step of the latest line
+        self._valid: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        self._t0 = self.clock()
+        self._due, self._steps, self.printed, self._crossed, self._last = self._t0 + self.every, 0, 0, False, None
+        seen = [(row[plan.monitor], int(row["epoch"])) for row in plan.history if plan.monitor in row]
+        self._valid = seen[-1] if seen else None  # a resumed fit's last validation
+
+    def on_train_batch_end(self, trainer: pl.Trainer, plan: SVIPlan, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._steps += 1
+        if batch_idx + 1 >= self._per_epoch(trainer):
+            return  # the epoch's last step: its end reports, after the validation
+        now = self.clock()
+        if now >= self._due:
+            self._crossed = True
+            self._say(trainer, plan, now, trainer.current_epoch * self._per_epoch(trainer) + batch_idx + 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        # callbacks run before the plan's own hook: the validation of this epoch is in its row, the loss not yet
+        epoch = trainer.current_epoch + 1
+        if plan.monitor in plan.row:
+            self._valid = (plan.row[plan.monitor], epoch)
+        now = self.clock()
+        if now >= self._due or self._crossed:
+            self._crossed = False
+            self._say(trainer, plan, now, epoch * self._per_epoch(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, plan: SVIPlan) -> None:
+        step = self._step_now(trainer)
+        if self.printed and self._last != step:
+            self._say(trainer, plan, self.clock(), step, done=True)
+
+    @staticmethod
+    def _per_epoch(trainer: pl.Trainer) -> int:
+        n = trainer.num_training_batches
+        return int(n) if isinstance(n, int) or (isinstance(n, float) and math.isfinite(n)) else 0
+
+    def _total(self, trainer: pl.Trainer) -> int:
+        total = (trainer.max_epochs or 0) * self._per_epoch(trainer)
+        return min(total, trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else total
+
+    def _step_now(self, trainer: pl.Trainer) -> int:
+        return trainer.fit_loop.epoch_loop.batch_progress.total.completed
+
+    def _say(self, trainer: pl.Trainer, plan: SVIPlan, now: float, step: int, done: bool = False) -> None:
+        self._due, self._last = now + self.every, step
+        if not trainer.is_global_zero:
+            return
+        per_epoch, total = self._per_epoch(trainer), self._total(trainer)
+        epoch = min(trainer.max_epochs or 0, (step - 1) // per_epoch + 1) if per_epoch else trainer.current_epoch + 1
+        parts = [f"epoch {epoch}/{trainer.max_epochs}", f"step {step}/{total}" if total else f"step {step}"]
+        loss = plan.epoch_loss if not done or not plan.history else plan.history[-1]["train_loss"]
+        if math.isfinite(loss):
+            parts.append(f"train loss {loss:.5g}")
+        if self._valid is not None:
+            bound = "ELBO" if plan.val_bound == "elbo" else f"IWAE-{plan.val_config.iwae_k}"
+            parts.append(f"valid {bound} {self._valid[0]:.5g} (epoch {self._valid[1]})")
+        elapsed = now - self._t0
+        parts.append(f"{duration(elapsed)} elapsed")
+        if not done and self._steps and total > step:
+            parts.append(f"ETA {duration(elapsed / self._steps * (total - step))}")
+        head = f"{self.label}: " if self.label else ""
+        print(head + ("done, " if done else "") + ", ".join(parts), file=self.stream or sys.stderr, flush=True)
+        self.printed += 1
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``12m05s``, ``3h02m``: a wall time as a progress line shows it."""
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 def where(trainer: pl.Trainer) -> str:
     plan = trainer.lightning_module
     step = trainer.fit_loop.epoch_loop.batch_progress.current.ready

@@ -43,8 +43,9 @@ import torch
 import pyro_lvm.inspect as lvm_inspect
 from pyro_lvm.evaluate import PARETO_K_THRESHOLD, pareto_k_summary
 from pyro_lvm.inspect import to_inference_data
+from pyro_lvm.models.base import in_data_plate
 from pyro_lvm.report import atomic_write
-from pyro_lvm.runtime import seeded
+from pyro_lvm.runtime import local_params, seeded
 
 #: inspected points whose local latents the summary, the posterior figure and the forest show
 FOCUS_POINTS = 3
@@ -296,14 +297,17 @@ def _title(prefix: str, what: str) -> str:
     return f"{prefix}: {what}" if prefix else what
 
 
-def plot_posterior(idata: Any, path: str | Path, title: str = "", exact: Any = None) -> Path:
+def plot_posterior(idata: Any, path: str | Path, title: str = "", exact: Any = None,
+                   prior: Mapping[str, tuple[float, float]] | None = None) -> Path:
     """``az.plot_posterior`` (density, mean, 94% HDI) of the focus: 3 points × 2 latent dims, or the globals
     (the mixture: its weights). A point-mass guide (every draw equal) gets its values instead.
 
     What to compare against, where there is something: each point's panel is titled with its k̂, in red above
     0.7 (the guide is not to be trusted there); ``exact`` (the model's exact posterior p(z | x) of the inspected
     points, a distribution with batch (points,) and event (latents,): factor analysis) is drawn over each panel
-    as its exact marginal, dashed."""
+    as its exact marginal, dashed; ``prior`` (a local variable's name -> the (loc, scale) of the normal prior of
+    each of its latents, ``{"z": (0.0, 1.0)}`` where p(z) is standard normal: :func:`normal_priors`) is drawn over
+    its panels as a grey dashed density labelled ``prior``, to show how far each posterior moved from it."""
     import arviz as az
 
     focus = focus_of(idata.posterior, budget=GLOBAL_FIGURE_BUDGET)
@@ -319,14 +323,16 @@ def plot_posterior(idata: Any, path: str | Path, title: str = "", exact: Any = N
             ax.set_axis_off()
         az.plot_posterior(ds, ax=axes.ravel()[:n], textsize=9, show=False, labeller=az.labels.DimCoordLabeller())
         if focus.local:
-            _mark_reference(idata, ds, axes.ravel()[:n], exact)
+            _mark_reference(idata, ds, axes.ravel()[:n], exact, prior or {})
         fig.suptitle(title, fontsize=10)
         return _save(fig, path)
 
 
-def _mark_reference(idata: Any, ds: Any, axes: Sequence[Any], exact: Any) -> None:
+def _mark_reference(idata: Any, ds: Any, axes: Sequence[Any], exact: Any,
+                    prior: Mapping[str, tuple[float, float]]) -> None:
     """Per panel of a local latent (ArviZ's order: variable, then each coordinate in C order): its point's k̂ in the
-    title (red above :data:`PARETO_K_THRESHOLD`) and, given ``exact``, the exact marginal density, dashed."""
+    title (red above :data:`PARETO_K_THRESHOLD`), given ``exact`` the exact marginal density, dashed, and where
+    ``prior`` names the variable its normal prior density, dashed grey."""
     from scipy import stats
 
     k_of = dict(zip(idata.sample_stats["point"].values.tolist(), idata.sample_stats["pareto_k"].values.tolist(),
@@ -340,7 +346,7 @@ def _mark_reference(idata: Any, ds: Any, axes: Sequence[Any], exact: Any) -> Non
             for idx in np.ndindex(*[da.sizes[d] for d in extra]):
                 coords = [int(da[d].values[i]) for d, i in zip(extra, idx, strict=True)]
                 panels.append((v, int(p), coords))
-    for ax, (_, p, coords) in zip(axes, panels, strict=False):
+    for ax, (v, p, coords) in zip(axes, panels, strict=False):
         k = k_of.get(p, float("nan"))
         bad = np.isfinite(k) and k > PARETO_K_THRESHOLD
         ax.set_title(f"{ax.get_title()}\nk̂ = {k:.2f}" if np.isfinite(k) else ax.get_title(), fontsize=8,
@@ -354,6 +360,12 @@ def _mark_reference(idata: Any, ds: Any, axes: Sequence[Any], exact: Any) -> Non
             grid = np.linspace(lo, hi, 300)
             ax.plot(grid, stats.norm.pdf(grid, loc, sd), "--", color="tab:orange", lw=1.2, label="exact p(z|x)")
             ax.set_xlim(lo, hi)
+        if v in prior:  # over the panel's range as it is: a wide prior's tails run off it, the posterior stays legible
+            loc, sd = prior[v]
+            grid = np.linspace(*ax.get_xlim(), 300)
+            ax.plot(grid, stats.norm.pdf(grid, loc, sd), "--", color="tab:gray", lw=1.0,
+                    label=f"prior N({loc:g}, {sd:g}²)" if sd != 1 else f"prior N({loc:g}, 1)")
+        if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=7, loc="upper right", frameon=False)
 
 
@@ -473,6 +485,34 @@ def read_posterior(path: str | Path, focus_only: bool = True) -> Any:
 # ---------------------------------------------------------------------------------------------- one guide
 
 
+def normal_priors(model: Any, x: Any) -> dict[str, tuple[float, float]]:
+    """The local latent sites of ``model`` whose prior is the standard normal, each as ``{name: (0.0, 1.0)}``: read
+    from one run of the model on a few points ``x`` (a site drawn from ``Normal(0, 1)``, every entry, whatever
+    plates and ``to_event`` wrap it). A site whose prior is another distribution, a learned one (a VAE's mixture or
+    VampPrior) or one that depends on other latents is left out (there is no closed form to draw), as is every site
+    of a model that cannot be run so."""
+    import pyro.distributions as dist
+    from pyro import poutine
+
+    try:
+        x = model.validate(x, name="data")
+        with torch.no_grad(), local_params(model), seeded(0):
+            trace = poutine.trace(model).get_trace(x)
+    except Exception:  # noqa: BLE001 - a model that cannot run alone: no prior drawn, the figure as before
+        return {}
+    out = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or not in_data_plate(site):
+            continue
+        fn = site["fn"]
+        while isinstance(fn, dist.Independent | dist.ExpandedDistribution | dist.MaskedDistribution):
+            fn = fn.base_dist
+        if type(fn) in (dist.Normal, torch.distributions.Normal) and bool((fn.loc == 0).all()) and \
+                bool((fn.scale == 1).all()):
+            out[name] = (0.0, 1.0)
+    return out
+
+
 def inspect_fit(model: Any, guide: Any, data: Any, output: str | Path, tag: str, *, num_points: int = 200,
                 num_samples: int = 200, seed: int = 0, feature_names: Sequence[str] | None = None,
                 title: str = "") -> dict[str, Any]:
@@ -500,7 +540,8 @@ def inspect_fit(model: Any, guide: Any, data: Any, output: str | Path, tag: str,
         with torch.no_grad():
             points = model.validate(data, name="data")[torch.as_tensor(index)]
             exact = model.exact_posterior(points)
-    figures = [plot_posterior(idata, out / f"{tag}_posterior.png", what, exact=exact),
+    few = model.validate(data, name="data")[torch.as_tensor(index[:2])]  # where the model's prior is read
+    figures = [plot_posterior(idata, out / f"{tag}_posterior.png", what, exact=exact, prior=normal_priors(model, few)),
                plot_ppc(idata, out / f"{tag}_ppc.png", what),
                plot_pair(idata, out / f"{tag}_pair.png", what)]
     k = torch.from_numpy(np.asarray(idata.sample_stats["pareto_k"].values, dtype=np.float64))
@@ -510,6 +551,6 @@ def inspect_fit(model: Any, guide: Any, data: Any, output: str | Path, tag: str,
             "figures": [f.name for f in figures], "seconds": time.perf_counter() - start}
 
 
-__all__ = ["Focus", "focus_of", "inspect_fit", "inspection_points", "netcdf_bytes", "plot_forest", "plot_pair",
-           "plot_posterior", "plot_ppc", "ppc_statistics", "psis_mean_report", "read_posterior", "summary",
-           "write_netcdf"]
+__all__ = ["Focus", "focus_of", "inspect_fit", "inspection_points", "netcdf_bytes", "normal_priors", "plot_forest",
+           "plot_pair", "plot_posterior", "plot_ppc", "ppc_statistics", "psis_mean_report", "read_posterior",
+           "summary", "write_netcdf"]

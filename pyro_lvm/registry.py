@@ -80,10 +80,16 @@ MODELS: Registry[type] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[type], type]:
-    """Class decorator: register a :class:`~pyro_lvm.models.base.LatentModel` under ``name`` (also ``cls.name``)."""
+    """Class decorator: register a :class:`~pyro_lvm.models.base.LatentModel` under ``name`` (also ``cls.name``).
+    Its ``Config`` dataclass, unless it writes its own ``__repr__``, prints the fields that differ from their
+    defaults (:func:`pyro_lvm.config.readable`)."""
 
     def decorate(cls: type) -> type:
+        from pyro_lvm.config import readable
+
         cls.name = name  # type: ignore[attr-defined]
+        if isinstance(getattr(cls, "Config", None), type):
+            readable(cls.Config)  # type: ignore[attr-defined]
         return MODELS.register(name)(cls)
 
     return decorate

@@ -44,6 +44,26 @@ class Fitted(NamedTuple):
     guide: Any
     meta: dict[str, Any]
 
+    def __repr__(self) -> str:
+        """A few summary lines, not the networks: model and guide with their configs, the data, the versions."""
+        meta = self.meta if isinstance(self.meta, dict) else {}
+        name = meta.get("model_name") or getattr(self.model, "name", "") or type(self.model).__name__
+        spec = meta.get("guide_spec") or getattr(self.guide, "spec", "") or type(self.guide).__name__
+        lines = [f"Fitted(model={name}, guide={spec})"]
+        for what, cfg in (("model", getattr(self.model, "config", None)),
+                          ("guide", getattr(self.guide, "guide_config", None))):
+            if cfg is not None:
+                lines.append(f"  {what}: {' '.join(repr(cfg).split())}"[:160])
+        data, versions = meta.get("data"), meta.get("versions")
+        facts = []
+        if isinstance(data, dict) and data.get("source"):
+            facts.append(f"data {data['source']!r}")
+        if isinstance(versions, dict) and versions.get("pyro_lvm"):
+            facts.append(f"saved by pyro_lvm {versions['pyro_lvm']}")
+        if facts:
+            lines.append("  " + ", ".join(facts) + " (.meta)")
+        return "\n".join(lines)
+
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` written atomically (:func:`pyro_lvm.report.atomic_write`)."""

@@ -29,7 +29,7 @@ import torch
 from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
-from pyro_lvm.config import ConfigError, check_choice, check_config, to_dict
+from pyro_lvm.config import ConfigError, ReadableConfig, check_choice, check_config, to_dict
 from pyro_lvm.models.base import LatentModel, ModelTraits
 from pyro_lvm.registry import Registry
 from pyro_lvm.runtime import ACCELERATORS, local_params, module_device, seeded
@@ -62,9 +62,11 @@ class AnnealLatents(Messenger):
         self.sites, self.beta = sites, beta
 
     def _process_message(self, msg: dict[str, Any]) -> None:
-        # a tensor beta (the traced step's input) always multiplies: by exactly 1 once warm-up is over
-        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"] and \
-                (isinstance(self.beta, torch.Tensor) or self.beta != 1.0):
+        # a tensor beta (the traced step's input) always multiplies: by exactly 1 once warm-up is over. A wrapped
+        # function's local sites are latents scored as observed (z = T(u), marked pyro_lvm_local): annealed too
+        latent = (msg["name"] in self.sites and not msg["is_observed"]) or \
+            msg.get("infer", {}).get("pyro_lvm_local", False)
+        if msg["type"] == "sample" and latent and (isinstance(self.beta, torch.Tensor) or self.beta != 1.0):
             msg["scale"] = msg["scale"] * self.beta
 
 
@@ -125,7 +127,7 @@ TRACE_MIN_STEPS = 100
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ReadableConfig):
     """How :func:`fit` trains. Every field is checked when the config is made (``ValueError`` naming it)."""
 
     #: passes over the training data
@@ -195,6 +197,10 @@ class TrainConfig:
     output: str | None = None
     #: no progress bar
     quiet: bool = False
+    #: where the output is not a terminal (a log file, a CI job, a notebook), a progress line (epoch, step, train
+    #: loss, last validation bound, elapsed, ETA) every this many seconds of wall time, on stderr; 0: none. A
+    #: terminal gets a progress bar instead
+    progress_seconds: float = 30.0
     #: stop after this many optimiser steps in total (tests, benchmarks)
     max_steps: int | None = None
     #: resume from this checkpoint (a ``last.ckpt`` written by an earlier fit of the same model and guide); "last":
@@ -207,7 +213,7 @@ class TrainConfig:
                                          "num_nodes"),
                      nonneg_int=("warmup_epochs", "workers"),
                      positive=("lr", "clip_norm", "lr_final_factor", "ddp_timeout"),
-                     nonneg=("checkpoint_seconds",))
+                     nonneg=("checkpoint_seconds", "progress_seconds"))
         if self.lr_final_factor > 1:
             raise ConfigError("lr_final_factor", f"must be in (0, 1] (the rate decays), got {self.lr_final_factor}")
         check_choice(self, "elbo", ELBOS.names())
@@ -249,6 +255,9 @@ def default_warmup(warmup_epochs: int, epochs: int) -> int:
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the per-epoch history and the facts of the fit. It prints as a few summary lines
+    (model, guide, epochs, best validation bound, time per epoch); ``.history`` holds every epoch's row."""
+
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     #: the best validation value of the monitored bound (``monitor``: the ELBO, or IWAE-K under an iwae objective)
@@ -271,10 +280,42 @@ class FitResult:
     #: ``eager`` where tracing was considered, why it did not apply
     step: str = ""
     step_note: str = ""
+    #: the fitted model's registered name and the guide's spec (``""`` where not known)
+    model_name: str = ""
+    guide_spec: str = ""
 
     @property
     def seconds_per_epoch(self) -> float:
         return self.train_seconds / max(1, len(self.history))
+
+    def __repr__(self) -> str:
+        """A few summary lines, not the history: ``FitResult(model=vae, guide=iaf:2, epochs=100 (best 97), valid
+        ELBO -92.010, 25.2 s/epoch)``, then steps, estimator and where the rest is."""
+        head = [f"{k}={v}" for k, v in (("model", self.model_name), ("guide", self.guide_spec)) if v]
+        if not self.history:
+            return f"FitResult({', '.join([*head, 'no epoch trained'])})"
+        epochs = int(self.history[-1].get("epoch", len(self.history)))
+        head.append(f"epochs={epochs}" + (f" (best {self.best_epoch})" if self.best_epoch else ""))
+        if self.best_valid_elbo is not None:
+            bound = {"valid_elbo": "valid ELBO", "valid_iwae": "valid IWAE-K"}.get(self.monitor, self.monitor)
+            head.append(f"{bound} {self.best_valid_elbo:.3f}")
+        elif "train_loss" in self.history[-1]:
+            head.append(f"train loss {self.history[-1]['train_loss']:.3f} (last epoch)")
+        spe = self.seconds_per_epoch
+        head.append(f"{spe:.1f} s/epoch" if spe >= 1 else f"{spe:.2g} s/epoch")
+        lines = [f"FitResult({', '.join(head)})"]
+        how = [f"{self.steps} steps" + (f" ({self.step})" if self.step else "")]
+        if self.elbo:
+            how.append(f"estimator {self.elbo}")
+        if self.rank:
+            how.append(f"rank {self.rank}")
+        how.append(f".history: {len(self.history)} rows")
+        lines.append("  " + ", ".join(how))
+        if self.restarts:
+            lines.append(f"  best of {len(self.restarts)} restarts (.restarts)")
+        if self.best_checkpoint:
+            lines.append(f"  best checkpoint: {self.best_checkpoint}")
+        return "\n".join(lines)
 
 
 def check_elbo(traits: ModelTraits, name: str | None) -> str:
@@ -371,6 +412,7 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
         MetricsCSV,
         NoProfiler,
         PeakMemory,
+        ProgressLines,
         SVIPlan,
         data_parallel_strategy,
         fingerprint,
@@ -445,6 +487,9 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     show_bar = not config.quiet and sys.stderr.isatty()
     if show_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(data.sampler) // 50)))
+    elif not config.quiet and config.progress_seconds > 0 and \
+            not any(isinstance(cb, ProgressLines) for cb in callbacks):  # a caller's own ProgressLines replaces it
+        callbacks.append(ProgressLines(config.progress_seconds, label=str(getattr(guide, "spec", ""))))
     trainer = pl.Trainer(
         accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
         strategy=data_parallel_strategy(config.strategy, config.devices * config.num_nodes, config.ddp_timeout),
@@ -473,7 +518,10 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
     if resume is not None:
         read_checkpoint(resume)  # refused here, in one line naming it, if it is unreadable or would run code
     try:
-        return _run_trainer(trainer, plan, data, resume, best, valid, elbo_name, scratch is not None)
+        result = _run_trainer(trainer, plan, data, resume, best, valid, elbo_name, scratch is not None)
+        result.model_name = getattr(model, "name", "") or type(model).__name__
+        result.guide_spec = getattr(guide, "spec", "") or type(guide).__name__
+        return result
     finally:
         if scratch is not None:
             scratch.cleanup()

@@ -23,8 +23,18 @@ function; ``load`` rebuilds it as ``cls(data_dim=D)``, or ``cls()``, so its othe
 estimates, owned by the wrapped model, so ``fit``, ``save`` and ``load`` see them. Latent
 sites outside the data plate are **global latents** θ (any continuous support, under any plates but ``data``,
 each with a proper prior); their guide is an autoguide named after the local family, ``LOCAL+GLOBAL``
-(``iaf:2+meanfield``). Not yet supported, and refused by name: discrete latent sites, local sites under a further
-plate.
+(``iaf:2+meanfield``). **Discrete local sites** (a cluster label, a count) are summed out exactly where marked
+``infer={"enumerate": "parallel"}`` (finite support; index with ``pyro.ops.indexing.Vindex`` so the enumerated
+values broadcast): see below. Refused by name: an unmarked discrete site, a discrete global site, local sites
+under a further plate.
+
+**Discrete local sites, summed out.** With discrete local sites c the wrapped model's per-point density is the
+marginal p(x_n, u_n) = Σ_c p(x_n, u_n, c) (every value of every marked site, in parallel, as ``TraceEnum_ELBO``
+enumerates them), computed inside the model: its ELBO and IWAE-K are those of q(u|x) against the collapsed model,
+an exact sum rather than a score-function estimate, so the estimator is ``Trace_ELBO`` (the same value as
+``TraceEnum_ELBO`` with the sites enumerated in the model). The sum is split into log p(u_n) (the latent sites,
+c summed out: the prior, annealed by KL warm-up) and log p(x_n | u_n) (the rest); posterior predictive draws take
+c ~ p(c | u_n, x_n), then x̃ ~ p(x | u_n, c). The cost is the product of the sites' support sizes per draw.
 
 **Held-out bounds with global latents.** A held-out point's bounds are bounds on log p(x_n | θ) averaged over
 θ_s ~ q(θ) (``EvalConfig.global_draws`` draws; one for a point mass such as ``map``): ELBO_n = mean_s
@@ -287,6 +297,76 @@ class _ScalePerPoint(Messenger):
             msg["scale"] = msg["scale"] * self.scale
 
 
+#: the site at which a model with discrete local sites scores log p(u_n), those sites summed out
+DISCRETE_PRIOR_SITE = "_prior_summed"
+
+
+def _is_plate_site(msg: dict[str, Any]) -> bool:
+    """The subsample site a ``pyro.plate("data", ...)`` records (the function's own, or ours)."""
+    return msg["type"] == "sample" and msg["name"] == DATA_PLATE
+
+
+def _discrete_local_site(name: str, site: dict[str, Any]) -> str:
+    """``name``, once the discrete local site is checked to be one that enumeration can sum out."""
+    fn = site["fn"]
+    how = site["infer"].get("enumerate")
+    if how != "parallel":
+        raise ValueError(f"model: local site {name!r} is discrete ({type(fn).__name__}) and not marked for "
+                         "enumeration; sum it out with infer={'enumerate': 'parallel'} on its pyro.sample"
+                         + (f" (it is marked {how!r}; only 'parallel' is supported)" if how else ""))
+    if not getattr(fn, "has_enumerate_support", False):
+        raise ValueError(f"model: local site {name!r} ({type(fn).__name__}) has no finite support to enumerate; "
+                         "give it a bounded discrete distribution (Categorical, Bernoulli, Binomial, ...) or make "
+                         "it continuous")
+    return name
+
+
+class _SummedOut(dist.TorchDistribution):
+    """The observed site of a function whose discrete local sites are summed out: log p(x_n | u_n) (computed at the
+    data, so ``log_prob`` ignores its value), and draws x̃ ~ p(x | u_n, c) with c ~ p(c | u_n, x_n)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, log_lik: torch.Tensor, joint: torch.Tensor, batch_dims: int, observed: Any,
+                 discrete: dict[str, torch.Tensor]) -> None:
+        self.log_lik, self.joint, self.batch_dims, self.observed = log_lik, joint, batch_dims, observed
+        self.discrete = discrete  # each discrete site's enumerated values, (*enum) left of the batch dims
+        super().__init__(log_lik.shape, observed.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return self.observed.support
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.log_lik
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> _SummedOut:
+        return _SummedOut(self.log_lik.expand(batch_shape), self.joint, self.batch_dims, self.observed, self.discrete)
+
+    def sample(self, sample_shape: Any = ()) -> torch.Tensor:
+        if tuple(sample_shape):
+            raise NotImplementedError("a summed-out likelihood draws one x per batch element (sample_shape=())")
+        return self.sample_with_sites()[0]
+
+    def sample_with_sites(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One draw x̃ (*batch, *event) and the discrete sites' values it was drawn at, c ~ p(c | u, x) (*batch)."""
+        with torch.no_grad():
+            x = self.observed.sample()  # every value of the enumerated sites: (*enum, *batch, *event)
+            event = len(self.observed.event_shape)
+            batch = torch.broadcast_shapes(self.batch_shape, self.joint.shape[self.joint.dim() - self.batch_dims:] if
+                                           self.joint.dim() > self.batch_dims else self.joint.shape,
+                                           x.shape[max(0, x.dim() - event - self.batch_dims):x.dim() - event])
+            enum = torch.broadcast_shapes(self.joint.shape[:max(0, self.joint.dim() - self.batch_dims)],
+                                          x.shape[:max(0, x.dim() - event - self.batch_dims)])
+            joint = self.joint.expand(enum + batch).reshape((-1,) + batch)  # (E, *batch)
+            pick = dist.Categorical(logits=joint.movedim(0, -1)).sample()  # c ~ p(c | u, x): (*batch)
+            x = x.expand(enum + batch + x.shape[x.dim() - event:]).reshape((-1,) + batch + x.shape[x.dim() - event:])
+            index = pick.reshape((1,) + batch + (1,) * event).expand((1,) + x.shape[1:])
+            sites = {name: v.reshape(v.shape[:v.dim() - self.batch_dims]).expand(enum).reshape(-1)[pick]
+                     for name, v in self.discrete.items()}
+            return x.gather(0, index).squeeze(0), sites
+
+
 @register_model("function")
 class FunctionModel(LatentModel):
     """A Pyro model function wrapped by :func:`wrap_model` (see :mod:`pyro_lvm.wrap` for the rules)."""
@@ -348,8 +428,9 @@ class FunctionModel(LatentModel):
             if k not in store:
                 raise ValueError(f"{k}: not a parameter of {self.label} (it has {', '.join(store)})")
             v = torch.as_tensor(v, dtype=self.dtype, device=self.device)
-            if v.shape != store[k].shape:
-                raise ValueError(f"{k}: expected shape {tuple(store[k].shape)}, got {tuple(v.shape)}")
+            shape = biject_to(cons[k])(store[k]).shape  # its constrained shape (a simplex's has one more entry)
+            if v.shape != shape:
+                raise ValueError(f"{k}: expected shape {tuple(shape)}, got {tuple(v.shape)}")
             with torch.no_grad():
                 store[k].copy_(biject_to(cons[k]).inv(v))
 
@@ -389,6 +470,7 @@ class FunctionModel(LatentModel):
                              f"pyro.plate({DATA_PLATE!r}, len(x))")
         sites: dict[str, LocalSite] = {}
         global_sites: list[str] = []
+        discrete: list[str] = []
         observed_support, offset = None, 0
         self.max_plate_nesting = max([1] + [-f.dim for site in tr.nodes.values() if site["type"] == "sample"
                                             for f in site["cond_indep_stack"] if f.dim is not None])
@@ -421,8 +503,8 @@ class FunctionModel(LatentModel):
                 raise ValueError(f"model: local site {name!r} has batch shape {tuple(fn.batch_shape)} on {n} points; "
                                  "it must be exactly (points,): move per-point dims into the event with .to_event()")
             if _is_discrete(fn):
-                raise ValueError(f"model: local site {name!r} is discrete ({type(fn).__name__}); discrete local "
-                                 "sites are not supported yet by wrap_model")
+                discrete.append(_discrete_local_site(name, site))
+                continue
             try:
                 transform = biject_to(fn.support)
             except NotImplementedError:
@@ -436,8 +518,22 @@ class FunctionModel(LatentModel):
             raise ValueError("model: the function has no observed site; it must score the data, "
                              "pyro.sample('x', ..., obs=x)")
         if not sites:
-            raise ValueError("model: the function has no local latent site inside pyro.plate('data', len(x)); "
-                             "there is nothing for an amortized guide to infer")
+            what = (f"only the discrete site(s) {', '.join(map(repr, discrete))}, summed out" if discrete else
+                    "no local latent site")
+            raise ValueError(f"model: the function has {what} inside pyro.plate('data', len(x)); there is nothing "
+                             "for an amortized guide to infer (a model whose only per-point latent is discrete has "
+                             "its exact posterior: fit its parameters by maximum likelihood)")
+        self.discrete_sites = tuple(discrete)
+        if discrete:  # the enumerated run, once, on the prototype: a function that cannot broadcast fails here
+            self.sites = sites
+            with torch.random.fork_rng(devices=[]), _ParamStore(self):
+                try:
+                    self._enumerated(x, torch.zeros(n, sum(s.size for s in sites.values())))
+                except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+                    raise ValueError(f"model: the function fails with its discrete site(s) "
+                                     f"{', '.join(map(repr, discrete))} enumerated ({' '.join(str(e).split())[:160]}); "
+                                     "it must broadcast over a leading enumeration dim: index parameters with "
+                                     "pyro.ops.indexing.Vindex(p)[..., c, :] rather than p[c]") from None
         if global_sites:  # a global whose shape follows the number of points is a per-point site outside the plate
             with torch.random.fork_rng(devices=[]), _ParamStore(self):
                 other = poutine.trace(self.fn).get_trace(torch.zeros(n + 1, self.data_dim))
@@ -485,11 +581,55 @@ class FunctionModel(LatentModel):
 
     def _run(self, x: torch.Tensor, u: torch.Tensor, scale: float) -> None:
         # the function's own data plate records a subsample site named "data", as the plate above does: hidden
-        hide = poutine.block(hide_fn=lambda m: m["name"] == DATA_PLATE and m["type"] == "sample")
+        hide = poutine.block(hide_fn=_is_plate_site)
+        if self.discrete_sites:
+            prior, likelihood = self._enumerated(x, u)
+            with hide, _ScalePerPoint(scale), pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+                pyro.sample(DISCRETE_PRIOR_SITE, dist.Unit(prior), obs=prior.new_empty(prior.shape + (0,)),
+                            infer={"pyro_lvm_local": True})
+                pyro.sample(self.observed_site, likelihood, obs=x)
+            return
         # minibatches are rescaled to the full data set (the library's job): the per-point sites only, never a
         # global prior
         with hide, _ScalePerPoint(scale), _ParamStore(self), _WriteBack(self.sites, u):
             self.fn(x)
+
+    def _enumerated(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, _SummedOut]:
+        """The function run with its discrete local sites enumerated (its per-point sites hidden from the handlers
+        outside; its global sites not, so a guide's draws of θ reach it): log p(u_n) with c summed out, and the
+        observed site's density log p(x_n | u_n) = log Σ_c p(x_n, u_n, c) − log p(u_n) with its sampler."""
+        # every enumeration dim left of the batch dims: the points, the plates, a particle plate (S draws per point)
+        batch_dims = max(u.dim() - 1, self.max_plate_nesting + 1)
+        per_point = poutine.block(hide_fn=lambda m: in_data_plate(m) or _is_plate_site(m))
+        with per_point, _ParamStore(self), _WriteBack(self.sites, u):
+            tr = poutine.trace(poutine.enum(self.fn, first_available_dim=-1 - batch_dims)).get_trace(x)
+        joint = prior = x.new_zeros(())
+        observed = None
+        discrete = {}
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or not in_data_plate(site) or _is_plate_site(site):
+                continue
+            if name in self.discrete_sites:
+                discrete[name] = site["value"]
+            lp = site["fn"].log_prob(site["value"]) * site["scale"]
+            mask = site["mask"]  # poutine.mask: False (or False entries) drop the term
+            if isinstance(mask, torch.Tensor):
+                lp = lp.masked_fill(~mask, 0.0)
+            elif mask is False:
+                lp = lp * 0.0
+            joint = joint + lp
+            if site["is_observed"] and not site["infer"].get("pyro_lvm_local", False):
+                observed = site
+            else:
+                prior = prior + lp
+
+        def total(t: torch.Tensor) -> torch.Tensor:  # log Σ over the enumeration dims (those left of the batch)
+            extra = t.dim() - batch_dims
+            return t.logsumexp(tuple(range(extra))) if extra > 0 else t
+
+        prior_sum = total(prior)
+        return prior_sum, _SummedOut(total(joint) - prior_sum, joint, batch_dims, observed["fn"],  # type: ignore[index]
+                                     discrete)
 
     def globals_model(self, x: torch.Tensor, total_size: int | None = None) -> None:
         """The function with its per-point latents held at u = 0: what an autoguide over the global latent sites
@@ -596,6 +736,11 @@ def wrap_model(fn: Any, *, data_dim: int, name: str | None = None, encoder_input
     """
     if isinstance(fn, LatentModel):
         return fn  # type: ignore[return-value]
+    if isinstance(fn, type) and issubclass(fn, nn.Module):  # a PyroModule class: built as load rebuilds it
+        if not issubclass(fn, PyroModule):
+            raise ValueError("fn: a torch module must be a PyroModule (pyro.nn.PyroModule) to be a Pyro model")
+        target = target or target_of(fn)
+        fn = fn(data_dim=int(data_dim)) if "data_dim" in inspect.signature(fn).parameters else fn()
     if not callable(fn):
         raise ValueError(f"fn: expected a Pyro model function or a PyroModule, got {type(fn).__name__}")
     if isinstance(fn, nn.Module) and not isinstance(fn, PyroModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from cli_runner import WarmCLI
 
-from benchmarks import fullcov_ablation, vae_step_time
+from benchmarks import fullcov_ablation, iwae_eval, vae_step_time
 
 
 def test_step_time_benchmark_runs_and_reports_ratios(tmp_path: Path, fake_mnist: Path) -> None:
@@ -37,6 +38,31 @@ def test_step_time_benchmark_runs_and_reports_ratios(tmp_path: Path, fake_mnist:
     assert over["ratio_per_round"] == pytest.approx([a / b for a, b in zip(
         timing["fit_eager_loop"]["seconds_per_step_per_round"],
         timing["handwritten_trace"]["seconds_per_step_per_round"], strict=True)], rel=1e-12)
+
+
+def test_iwae_eval_benchmark_reports_flops_the_gemm_limit_and_both_paths(tmp_path: Path, fake_mnist: Path) -> None:
+    k = 6
+    code = iwae_eval.main(["--iwae-k", str(k), "--points", "3", "--rounds", "2", "--gemm-rows", "8", "--gemm-flops",
+                           "1e5", "--max-rows", "12", "--data-dir", str(fake_mnist), "--output", str(tmp_path)])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0 and "| wall |" in (tmp_path / "results.md").read_text()
+    flops = res["flops_per_image"]
+    assert flops["decoder"] == 2 * k * (40 * 300 + 300 * 300 + 300 * 784)
+    assert flops["encoder"] == 2 * (784 * 300 + 300 * 300 + 2 * 300 * 40)
+    assert flops["total"] == flops["decoder"] + flops["encoder"]
+    for clock in ("wall", "cpu"):
+        c = res["clocks"][clock]
+        assert math.isfinite(c["gemm_gflops"]) and c["gemm_gflops"] > 0
+        assert math.isfinite(c["limit_seconds_per_image"]) and c["limit_seconds_per_image"] > 0
+        for path in ("fused", "traces"):
+            p = c[path]
+            assert math.isfinite(p["ratio_to_limit"]) and p["ratio_to_limit"] > 0
+            per_round = [s / lim for s, lim in zip(p["seconds_per_image_per_round"],
+                                                   c["limit_seconds_per_image_per_round"], strict=True)]
+            assert len(per_round) == 2 and p["ratio_to_limit_per_round"] == pytest.approx(per_round, rel=1e-12)
+            assert p["ratio_to_limit"] == pytest.approx(statistics.median(per_round), rel=1e-12)
+    # the same draws by both paths: the same bounds
+    assert res["bounds"]["fused"]["iwae"] == pytest.approx(res["bounds"]["traces"]["iwae"], abs=1e-3)
 
 
 def test_step_time_benchmark_says_in_one_line_when_numpyro_cannot_run(

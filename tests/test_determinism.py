@@ -36,7 +36,7 @@ from conftest import write_fake_mnist
 #: other key holding "seconds" or "time" is reported by the test (:func:`_timing_like`), so that a new timing
 #: field is named here rather than silently compared or dropped.
 TIMING_KEYS = frozenset({"train_seconds", "seconds_per_epoch", "restart_seconds", "seconds", "nuts_seconds"})
-SETTINGS = frozenset({"checkpoint_seconds", "ddp_timeout"})
+SETTINGS = frozenset({"checkpoint_seconds", "ddp_timeout", "progress_seconds"})
 
 #: .nc attributes that are wall-clock measurements, by file name and group: compare_posteriors' ``nuts.nc`` keeps
 #: the time NUTS took (``posterior.attrs["seconds"]``), which a later run that reuses the file reports as the NUTS

@@ -10,9 +10,9 @@ import torch
 
 from pyro_lvm import ConfigError, EvalConfig, build_guide, evaluate
 from pyro_lvm.data import make_factor_analysis_data
-from pyro_lvm.evaluate import active_units, per_point_bounds
+from pyro_lvm.evaluate import active_units, fused_sampler, per_point_bounds
 from pyro_lvm.guides import GuideConfig
-from pyro_lvm.models import FactorAnalysis, FactorAnalysisConfig
+from pyro_lvm.models import VAE, FactorAnalysis, FactorAnalysisConfig, VAEConfig
 from pyro_lvm.runtime import seeded
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -36,6 +36,59 @@ def test_chunking_does_not_change_the_bounds() -> None:
     b = per_point_bounds(model, exact, x, num_samples=40, max_rows=7)  # one point, 7 samples at a time
     torch.testing.assert_close(a["iwae"], b["iwae"], rtol=0, atol=1e-9)
     torch.testing.assert_close(a["elbo"], b["elbo"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("decoder,prior,spec", [("bernoulli", "standard", "amortized"),
+                                                ("bernoulli", "mog", "amortized-fullcov"),
+                                                ("gaussian", "vamp:3", "amortized"),
+                                                ("bernoulli", "standard", "iaf:1")])
+@pytest.mark.parametrize("block_bytes", [None, 200])  # the default block; blocks of 2 rows (each point's draws split)
+@pytest.mark.parametrize("max_rows", [25_000, 50])  # every point in one chunk; one point per chunk
+def test_the_vaes_fused_pass_draws_and_scores_what_the_traces_do(
+        decoder: str, prior: str, spec: str, block_bytes: int | None, max_rows: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VAE's fused importance pass (no traces, the decoder in row blocks) draws the same z from the same random
+    numbers as the Pyro traces and scores them the same, for every prior, decoder and guide family it takes."""
+    if block_bytes is not None:
+        monkeypatch.setattr(VAE, "EVAL_BLOCK_BYTES", block_bytes)
+    with seeded(0):
+        model = VAE(VAEConfig(data_dim=12, latent_dim=3, hidden=(8,), decoder=decoder, prior=prior))
+        guide = build_guide(spec, model, GuideConfig(hidden=(8,)))
+        x = (torch.rand(7, 12) < 0.3).double() if decoder == "bernoulli" else torch.randn(7, 12)
+    assert fused_sampler(model, guide, x) is not None
+    with seeded(1):
+        fused = per_point_bounds(model, guide, x, 30, max_rows)
+    with seeded(1):
+        traced = per_point_bounds(model, guide, x, 30, max_rows, fused=False)
+    assert fused.keys() == traced.keys()
+    for k in fused:
+        torch.testing.assert_close(fused[k], traced[k], rtol=1e-9, atol=1e-9, msg=k)
+    one = evaluate(model, guide, x, iwae_k=30, seed=2)
+    two = evaluate(model, guide, x, iwae_k=30, seed=2, fused=False)
+    assert one["iwae"] == pytest.approx(two["iwae"], abs=1e-9) and one["elbo"] == pytest.approx(two["elbo"], abs=1e-9)
+
+
+def test_the_fused_pass_steps_aside_for_handlers_and_other_forwards() -> None:
+    """Traces score what a Pyro handler does (``poutine.scale``) and a VAE whose ``forward`` is its own."""
+    import pyro
+
+    class Scaled(VAE):
+        def forward(self, x: torch.Tensor, total_size: int | None = None) -> None:
+            with pyro.poutine.scale(scale=2.0):
+                super().forward(x, total_size)
+
+    with seeded(0):
+        model = Scaled(VAEConfig(data_dim=12, latent_dim=3, hidden=(8,)))
+        guide = build_guide("amortized", model, GuideConfig(hidden=(8,)))
+        x = (torch.rand(7, 12) < 0.3).double()
+    assert fused_sampler(model, guide, x) is None
+    with pyro.poutine.scale(scale=2.0):
+        assert fused_sampler(VAE(VAEConfig(data_dim=12, latent_dim=3, hidden=(8,))), guide, x) is None
+    with seeded(1):
+        doubled = per_point_bounds(model, guide, x, 5)
+    with seeded(1):
+        plain = per_point_bounds(model, guide, x, 5, fused=False)
+    torch.testing.assert_close(doubled["elbo"], plain["elbo"], rtol=0, atol=0)
 
 
 def test_a_seed_fixes_the_evaluation_and_elbo_is_reconstruction_minus_kl() -> None:
@@ -64,7 +117,7 @@ def test_active_units_counts_dimensions_whose_mean_varies() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("iwae_k", 0), ("max_rows", -1), ("posterior_samples", 0),
-                                         ("active_threshold", -0.1), ("threads", 0)])
+                                         ("active_threshold", -0.1), ("threads", 0), ("fused", 1)])
 def test_eval_config_refuses_bad_values(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         EvalConfig(**{field: value})

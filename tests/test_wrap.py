@@ -34,9 +34,11 @@ def beta_share(x: torch.Tensor) -> None:
 
 
 FUNCTIONS = {"poisson_pca": functions.poisson_pca, "factor_analysis": functions.factor_analysis,
-             "topic_weights": functions.topic_weights, "beta_share": beta_share}
+             "topic_weights": functions.topic_weights, "beta_share": beta_share,
+             "latent_clusters": functions.latent_clusters}  # the last with a discrete site, summed out
 SUPPORTS = {"poisson_pca": {"z": "real", "s": "positive"}, "factor_analysis": {"z": "real"},
-            "topic_weights": {"theta": "simplex"}, "beta_share": {"rho": "unit"}}
+            "topic_weights": {"theta": "simplex"}, "beta_share": {"rho": "unit"},
+            "latent_clusters": {"z": "real", "c": "cluster"}}
 
 
 def _data(name: str, n: int = 24, d: int = 5, seed: int = 0) -> torch.Tensor:
@@ -69,7 +71,8 @@ def test_every_guide_family_fits_scores_and_inspects_every_function(fn_name: str
     for site, support in SUPPORTS[fn_name].items():
         v = torch.as_tensor(idata.posterior[site].values)
         ok = {"real": torch.isfinite(v), "positive": v > 0, "unit": (v > 0) & (v < 1),
-              "simplex": (v >= 0) & ((v.sum(-1, keepdim=True) - 1).abs() < 1e-4)}[support]
+              "simplex": (v >= 0) & ((v.sum(-1, keepdim=True) - 1).abs() < 1e-4),
+              "cluster": (v >= 0) & (v < functions.CLUSTERS) & (v == v.round())}[support]
         assert bool(ok.all()), site
     path = pyro_lvm.save(tmp_path / "fit.pt", model, guide)
     loaded = pyro_lvm.load(path)
@@ -493,3 +496,29 @@ def test_a_two_layer_vae_as_a_pyro_module_fits_and_reloads_from_its_class(tmp_pa
     assert math.isfinite(res["elbo"]) and res["iwae"] >= res["elbo"] - 0.05 * abs(res["elbo"])
     loaded = pyro_lvm.load(pyro_lvm.save(tmp_path / "hvae.pt", model, guide))
     assert pyro_lvm.evaluate(loaded.model, loaded.guide, x, iwae_k=16, seed=0)["elbo"] == pytest.approx(res["elbo"])
+
+
+def test_a_pyro_module_class_wraps_as_load_rebuilds_it_and_runs_from_the_command_line(tmp_path: Path) -> None:
+    """``--model package.module:Class`` (and ``wrap_model(Class, ...)``) builds the module for the data's width, as
+    ``load`` does; its Bernoulli likelihood keeps the 0/1 data raw; the encoder's sizes and the training protocol's
+    warm-up, patience and learning-rate decay are flags."""
+    import json
+
+    import numpy as np
+
+    from pyro_lvm.experiments.fit import _observed_is_discrete
+
+    model = pyro_lvm.wrap_model(functions.TwoLayerVAE, data_dim=12)
+    assert model.config.target == "pyro_lvm.models.functions:TwoLayerVAE" and model.net.decoder[-1].out_features == 12
+    assert _observed_is_discrete("pyro_lvm.models.functions:TwoLayerVAE")
+    x = (torch.rand(60, 12, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    np.save(tmp_path / "bits.npy", x.numpy())
+    out = tmp_path / "R"
+    res = _cli("fit", "--model", "pyro_lvm.models.functions:TwoLayerVAE", "--data", str(tmp_path / "bits.npy"),
+               "--guide", "amortized", "--epochs", "3", "--warmup-epochs", "1", "--patience", "5",
+               "--lr-final-factor", "0.3", "--eval-every", "1", "--hidden", "16,8", "--flow-hidden", "8",
+               "--iwae-k", "4", "--output", str(out), "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    row = json.loads((out / "results.json").read_text())["results"][0]
+    assert row["model"]["standardized"] is False and row["config"]["guide"]["hidden"] == [16, 8]
+    assert row["config"]["train"]["warmup_epochs"] == 1 and row["epochs_run"] == 3
