@@ -262,6 +262,7 @@ class ComparePosteriorsExperiment(Experiment):
     required_tags = frozenset({"continuous"})
     dtype = torch.float64  # NUTS's leapfrog and the comparisons in float64
     summary = "global guides' posteriors against a NUTS reference on identifiable quantities (mean/sd errors, k̂)"
+    in_memory_because = "NUTS runs on the whole training split at once"
     choices = {"model": COMPARED.names, "covariance": COVARIANCES.names}
 
     def model_traits(self, cfg: ComparePosteriorsConfig) -> ModelTraits:

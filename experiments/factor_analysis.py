@@ -126,6 +126,7 @@ class FactorAnalysisExperiment(Experiment):
     required_tags = frozenset({"continuous"})
     dtype = torch.float64  # small data; float64 makes the closed forms exact to ~1e-12
     summary = "factor analysis / PPCA: every guide against the exact log p(x) and scikit-learn"
+    in_memory_because = "its scikit-learn baseline and data-based initialisation read the whole training split"
     choices = {"model": lambda: list(FA_MODELS), "fix_model": FIXED_MODELS.names, "keep": lambda: ["best", "last"],
                "elbo": lambda: ["trace", "meanfield"]}
 

@@ -97,6 +97,7 @@ def standardized(cfg: FitExperimentConfig) -> bool:
 class FitExperiment(Experiment):
     Config = FitExperimentConfig
     summary = "your own Pyro model function (--model file.py:fn): every guide on held-out bounds"
+    streams = True  # minibatches, validation, evaluation and --inspect read a streamed split block by block
     choices = {"encoder_input": lambda: ["auto", *ENCODER_INPUTS.names()]}
     train_flags = ("epochs", "warmup_epochs", "patience", "batch_size", "lr", "lr_final_factor", "eval_every",
                    "num_particles")

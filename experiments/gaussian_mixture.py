@@ -251,6 +251,7 @@ class GaussianMixtureExperiment(Experiment):
     required_tags = frozenset({"continuous"})
     dtype = torch.float64  # small data; float64 keeps the enumerated sums exact
     summary = "Gaussian mixtures: collapsed / enumerated / amortized assignments, global guides, against EM"
+    in_memory_because = "its scikit-learn EM baseline and its initialisation read the whole training split"
     choices = {"covariance": COVARIANCES.names, "assignments": ASSIGNMENTS.names, "elbo": ELBOS.names}
 
     def model_traits(self, cfg: GMMExperimentConfig) -> ModelTraits:

@@ -25,7 +25,7 @@ from pyro_lvm.guides import GuideConfig
 from pyro_lvm.guides.registry import canonical_guide_specs
 from pyro_lvm.harness import Experiment, ExperimentConfig, register_experiment
 from pyro_lvm.models import DECODERS, VAE, VAEConfig
-from pyro_lvm.models.base import LatentModel, ModelTraits
+from pyro_lvm.models.base import LatentModel, ModelTraits, row_blocks
 from pyro_lvm.models.vae import parse_prior
 from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES
 from pyro_lvm.report import new_figure
@@ -79,6 +79,7 @@ class VAEExperimentConfig(ExperimentConfig):
 class VAEExperiment(Experiment):
     Config = VAEExperimentConfig
     summary = "VAEs (Bernoulli or Gaussian decoders) with every local guide, on ELBO and IWAE-K"
+    streams = True  # minibatches, evaluation, --inspect and the figures read a streamed split block by block
     train_flags = ("epochs", "warmup_epochs", "patience", "batch_size", "lr", "lr_final_factor", "max_steps",
                    "num_particles", "objective")
     choices = {"decoder": DECODERS.names, "architecture": ARCHITECTURES.names, "activation": lambda: list(ACTIVATIONS)}
@@ -153,7 +154,7 @@ def plot_vae_figures(model: VAE, guide: Any, ds: Dataset, test: torch.Tensor, pr
             fig.savefig(f"{prefix}_{name}.png", dpi=100, bbox_inches="tight")
             paths.append(f"{prefix}_{name}.png")
     if model.latent_dim == 2:
-        z = guide.encode(test).cpu()
+        z = torch.cat([guide.encode(rows).cpu() for _, rows in row_blocks(test)])  # streamed data: by blocks
         fig, ax = new_figure(figsize=(6, 5))
         labels = ds.labels.get("test")
         if labels is None or len(labels) != len(test):

@@ -39,6 +39,16 @@ def in_data_plate(site: dict) -> bool:
     return any(f.name == DATA_PLATE for f in site.get("cond_indep_stack", ()))
 
 
+def row_blocks(x: Any) -> Any:
+    """(first row, rows) of data for a rule checked row by row: the tensor itself in one block, or a split streamed
+    from a file (:class:`pyro_lvm.data.MappedRows`) block by block, never all of it at once."""
+    if hasattr(x, "blocks"):
+        for start, values in x.blocks():
+            yield start, torch.as_tensor(values, dtype=x.dtype)
+    else:
+        yield 0, x
+
+
 @dataclass(frozen=True)
 class ModelTraits:
     """What a model of a given config offers to guides, estimators and evaluators.

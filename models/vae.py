@@ -17,7 +17,7 @@ from pyro_lvm.nn import ACTIVATIONS, ARCHITECTURES, MLP, decoder_network
 from pyro_lvm.registry import Registry, register_model, split_spec
 from pyro_lvm.runtime import seeded
 
-from .base import LatentModel, data_plate
+from .base import LatentModel, data_plate, row_blocks
 
 PRIORS: Registry[type[nn.Module]] = Registry("prior")
 DECODERS: Registry[type[nn.Module]] = Registry("decoder")
@@ -333,7 +333,8 @@ class VAE(LatentModel):
 
     def validate(self, x: object, name: str = "data") -> torch.Tensor:
         x = super().validate(x, name)
-        self.decoder.validate(x, name)
+        for _, rows in row_blocks(x):  # streamed data: block by block
+            self.decoder.validate(rows, name)
         return x
 
     def bind_guide(self, guide: nn.Module) -> None:

@@ -69,6 +69,9 @@ class ExperimentConfig(ReadableConfig):
     data: str | None = None
     #: columns of a --data table to use, by name or index (default: all)
     columns: tuple[str, ...] = ()
+    #: read the --data file (.npy, .parquet) from disk minibatch by minibatch instead of loading it; unset:
+    #: streamed where loading it would take more than half the memory available
+    stream: bool | None = None
     #: guide specs NAME[:K] to fit and compare
     guides: tuple[str, ...] = ("amortized",)
     #: one seed fixes the data split, the initialisation and every sample
@@ -129,6 +132,11 @@ class Experiment:
     train_flags: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "num_particles")
     #: one-line description for ``pyro-lvm --help``
     summary: ClassVar[str] = ""
+    #: whether the experiment trains and scores data streamed from disk (``--stream``, or a file too large to load);
+    #: one that needs its data in memory (a scikit-learn baseline, a full-data initialisation) refuses them
+    streams: ClassVar[bool] = False
+    #: why it needs its data in memory, for that refusal
+    in_memory_because: ClassVar[str] = "it needs the whole data set in memory"
 
     # ------------------------------------------------------------------ before any data
     def model_traits(self, cfg: Any) -> ModelTraits:
@@ -417,6 +425,11 @@ def stopped_line(what: str, output: str | Path, again: str) -> str:
 
 def load_data(experiment: Experiment, cfg: ExperimentConfig) -> Dataset:
     data_cfg = experiment.data_config(cfg)
+    if cfg.stream is not None:
+        if cfg.data is None:
+            raise ConfigError("stream", f"streams a --data file (.npy or .parquet); the built-in data set "
+                                        f"{cfg.dataset!r} is held in memory")
+        data_cfg = dataclasses.replace(data_cfg, stream=cfg.stream)
     if cfg.data is not None:
         return load_file(cfg.data, data_cfg, columns=list(cfg.columns) or None)
     return load_dataset(cfg.dataset, data_cfg)
@@ -623,6 +636,11 @@ def run_experiment(experiment: Experiment, cfg: ExperimentConfig) -> dict[str, A
 
 def _run(experiment: Experiment, cfg: Any) -> dict[str, Any]:
     ds = load_data(experiment, cfg)
+    if ds.streamed and not experiment.streams:
+        why = "--stream" if cfg.stream else "it would take more than half the memory available to load"
+        raise ConfigError("data", f"{cfg.data} is streamed from disk ({why}), and the {experiment.name} experiment "
+                                  f"cannot stream: {experiment.in_memory_because}; load it (--no-stream) if it fits, "
+                                  "or fit it with pyro-lvm vae or pyro-lvm fit, which stream")
     experiment.check_data(cfg, ds)
     out_dir = Path(cfg.output)
     test = experiment.test_split(cfg, ds)

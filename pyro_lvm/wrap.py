@@ -80,7 +80,7 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 
 from pyro_lvm.config import check_config
-from pyro_lvm.models.base import DATA_PLATE, LatentModel, ModelTraits, data_plate, in_data_plate
+from pyro_lvm.models.base import DATA_PLATE, LatentModel, ModelTraits, data_plate, in_data_plate, row_blocks
 from pyro_lvm.registry import MODELS, Registry, register_model
 
 #: transforms of x applied before every encoder, by name
@@ -551,11 +551,13 @@ class FunctionModel(LatentModel):
         x = super().validate(x, name)
         support = self.observed_support
         base = support.base_constraint if isinstance(support, constraints.independent) else support
-        ok = base.check(x)
-        if not bool(ok.all()):
+        for start, rows in row_blocks(x):  # streamed data: block by block
+            ok = base.check(rows)
+            if bool(ok.all()):
+                continue
             r, c = (int(i) for i in (~ok).nonzero()[0])
-            raise ValueError(f"{name}: row {r}, column {c} holds {float(x[r, c]):g}, outside the support of the "
-                             f"observed site {self.observed_site!r} ({base}); pass the raw values "
+            raise ValueError(f"{name}: row {start + r}, column {c} holds {float(rows[r, c]):g}, outside the support "
+                             f"of the observed site {self.observed_site!r} ({base}); pass the raw values "
                              "(--no-standardize, or from_array(..., standardize=False))")
         return x
 

@@ -302,3 +302,42 @@ def test_a_fit_on_a_file_of_several_gb_keeps_resident_memory_far_below_its_size(
     assert sum(streamed["sizes"][k] for k in SPLITS) == size // (4 * WIDTH)
     assert streamed["rss_peak"] < small_run["rss_peak"] + EXTRA_MIB, facts  # the file adds < 1/16 of its size
     assert streamed["rss_peak"] < file_mib / 3, facts  # and the whole process, Lightning and all, < 1/3 of it
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+@pytest.mark.parametrize("experiment,extra", [
+    ("vae", ["--decoder", "gaussian", "--latent-dim", "2", "--hidden", "8", "--epochs", "2", "--inspect",
+             "--inspect-points", "4", "--inspect-samples", "25"]),
+    ("fit", ["--epochs", "2", "--inspect", "--inspect-points", "4", "--inspect-samples", "25"]),
+])
+def test_stream_on_the_command_line_gives_the_in_memory_results(tmp_path: Path, warm_cli, experiment: str,
+                                                                extra: list[str]) -> None:
+    """``--stream`` reads a .npy minibatch by minibatch (validation, evaluation, --inspect and the figures block by
+    block) and reports the numbers of the same run with the file loaded."""
+    np.save(tmp_path / "x.npy", _data(300))
+    docs = {}
+    for flag in ("--stream", "--no-stream"):
+        out = tmp_path / flag.strip("-")
+        res = warm_cli.run("pyro_lvm.experiments", [experiment, "--data", str(tmp_path / "x.npy"), flag,
+                                                    "--iwae-k", "5", "--seed", "0", "--output", str(out), "--quiet",
+                                                    *extra], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        docs[flag] = json.loads((out / "results.json").read_text())["results"]
+    for a, b in zip(docs["--stream"], docs["--no-stream"], strict=True):
+        assert a["test"] == b["test"] and a["best_valid_elbo"] == b["best_valid_elbo"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["factor_analysis", "--data", "X", "--stream"], "the factor_analysis experiment cannot stream: its scikit-learn"),
+    (["gaussian_mixture", "--data", "X", "--stream"], "the gaussian_mixture experiment cannot stream"),
+    (["factor_analysis", "--dataset", "wine", "--stream"], "--stream: streams a --data file"),
+])
+def test_an_experiment_that_cannot_stream_refuses_in_one_line(tmp_path: Path, warm_cli, args: list[str],
+                                                              needle: str) -> None:
+    np.save(tmp_path / "x.npy", _data(120))
+    out = tmp_path / "out"
+    args = [str(tmp_path / "x.npy") if a == "X" else a for a in args]
+    res = warm_cli.run("pyro_lvm.experiments", [*args, "--output", str(out)], cwd=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stdout + res.stderr and not out.exists()
