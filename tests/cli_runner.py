@@ -11,9 +11,15 @@ exit status is the command's. Each child starts from the server's state: imports
 What a child sees differs from ``python -m`` only in what the server imported first (the experiment modules
 themselves are not imported: runpy runs each afresh as ``__main__``) and in skipping the interpreter's exit hooks
 (``os._exit``): ``tests/test_faults.py::test_forked_runs_match_fresh_interpreters`` runs cases both ways and checks
-they print the same, and tests/test_resume.py's Ctrl-C test that a fresh interpreter trains to the same numbers as
-a forked one. The Ctrl-C and ``kill -9`` tests start fresh interpreters of their own. (The server imports the
-library once, when the session starts: a library file edited while the suite runs may not be seen.)
+they print the same, tests/test_resume.py's Ctrl-C test that a fresh interpreter trains to the same numbers as
+a forked one, and tests/test_two_nodes.py has a forked node and a fresh one train together. The Ctrl-C test starts
+a fresh interpreter of its own. (The server imports the library once, when the session starts: a library file
+edited while the suite runs may not be seen.)
+
+A request may add variables to the child's environment (``env``: the rendezvous of a data-parallel run, say),
+set in ``os.environ`` before the module runs. Variables that act only when the interpreter starts or a module is
+imported cannot differ from the server's (:data:`STARTUP_ONLY`: refused), except ``PYTHONWARNINGS``, whose
+filters the child installs before the module runs (ahead of any the server's imports installed).
 
 The server is a fresh interpreter (its own hash seed), started with SIGINT at its default (a suite started in the
 background inherits SIGINT ignored), ``OMP_NUM_THREADS=1`` and ``MPLBACKEND=Agg``; it never runs torch itself, so
@@ -37,6 +43,11 @@ from typing import Any
 
 #: a child still running after this long is taken to hang (a guard, not a speed requirement): it is killed
 HANG_GUARD_S = 900
+
+#: environment variables read only at the interpreter's start or when torch, numpy or matplotlib are imported: a
+#: forked child cannot take another value than the server's (see the module doc)
+STARTUP_ONLY = ("PYTHONPATH", "PYTHONHASHSEED", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONDONTWRITEBYTECODE",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND")
 
 SERVER = textwrap.dedent("""
     import json, os, runpy, sys, traceback
@@ -63,6 +74,14 @@ SERVER = textwrap.dedent("""
             os.dup2(os.open(req["stdout"], mode, 0o644), 1)
             os.dup2(1 if req["stderr"] == req["stdout"] else os.open(req["stderr"], mode, 0o644), 2)
             reply.close()
+            env = req.get("env") or {}
+            os.environ.update(env)
+            if "PYTHONWARNINGS" in env:  # read by the interpreter at its start: install its filters as it would
+                import warnings
+
+                opts = [o for o in env["PYTHONWARNINGS"].split(",") if o]
+                sys.warnoptions[:] = opts
+                warnings._processoptions(opts)
             try:
                 if req["path"]:  # python PATH ARGS
                     sys.argv = [req["path"], *req["args"]]
@@ -175,11 +194,18 @@ class WarmCLI:
 
     def submit(self, module: str, args: list[str] | tuple[str, ...], cwd: str | Path | None = None, *,
                stdout: str | Path | None = None, stderr: str | Path | None = None, append: bool = False,
-               script: str | Path | None = None) -> Pending:
+               script: str | Path | None = None, env: dict[str, str] | None = None) -> Pending:
         """Start ``python -m module *args`` (``python script *args`` if ``script`` is given; ``module`` is then
         ignored) forked, in ``cwd`` (default: a new directory); its stdout and stderr go to the files ``stdout`` and
         ``stderr`` (default: beside the server's log; the same file for both if they are the same path), truncated
-        or, with ``append``, appended to, and come back in the result."""
+        or, with ``append``, appended to, and come back in the result. ``env``: variables added to the child's
+        environment (not one of :data:`STARTUP_ONLY` with another value than the server's)."""
+        env = {str(k): str(v) for k, v in (env or {}).items()}
+        server_env = fresh_env()
+        differ = [k for k in STARTUP_ONLY if k in env and env[k] != server_env.get(k)]
+        if differ:
+            raise ValueError(f"a forked child cannot change {differ}: they act at the interpreter's start "
+                             "(run a fresh interpreter instead)")
         with self._lock:
             self._next += 1
             rid = str(self._next)
@@ -189,7 +215,7 @@ class WarmCLI:
         err = Path(stderr) if stderr is not None else self.root / f"{rid}.stderr"
         req = {"id": rid, "module": module, "args": [str(a) for a in args], "cwd": str(Path(cwd).resolve()),
                "stdout": str(out.resolve()), "stderr": str(err.resolve()), "append": append,
-               "path": str(Path(script).resolve()) if script is not None else None}
+               "path": str(Path(script).resolve()) if script is not None else None, "env": env}
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.write(json.dumps(req) + "\n")

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import sklearn.datasets
 import torch
+from cli_runner import WarmCLI
 
 from pyro_lvm.checks import check_matrix
 from pyro_lvm.data import (
@@ -527,14 +528,10 @@ def test_fewer_than_two_feature_columns_are_refused_at_load_time(tmp_path: Path,
     assert needle in msg and "at least 2" in msg, msg
 
 
-def _cli(tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": "", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", *args, "--output", str(tmp_path / "out")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def _cli(warm_cli: WarmCLI, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    """``python -m pyro_lvm.experiments *args --output out`` in ``tmp_path``: a real process (its own exit status,
+    stdout and stderr), forked from the session's warm interpreter (tests/cli_runner.py), which saves its imports."""
+    proc = warm_cli.run("pyro_lvm.experiments", [*args, "--output", str(tmp_path / "out")], tmp_path, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -543,10 +540,10 @@ def _cli(tmp_path: Path, *args: str) -> tuple[int, str, str]:
     ("gaussian_mixture", "a\n" + "".join(f"{i}.5\n" for i in range(12)), "only 1 feature column"),
     ("factor_analysis", "a;b;c\n" + "".join(f"{i}.5;{i};{i * i}\n" for i in range(12)), "semicolon-separated"),
 ])
-def test_bad_csv_on_the_command_line_is_one_error_line_and_exit_2(tmp_path: Path, experiment: str, content: str,
-                                                                  needle: str) -> None:
+def test_bad_csv_on_the_command_line_is_one_error_line_and_exit_2(tmp_path: Path, warm_cli: WarmCLI, experiment: str,
+                                                                  content: str, needle: str) -> None:
     _write(tmp_path, "data.csv", content)
-    status, out, err = _cli(tmp_path, experiment, "--data", "data.csv", "--epochs", "1")
+    status, out, err = _cli(warm_cli, tmp_path, experiment, "--data", "data.csv", "--epochs", "1")
     shown = f"exit {status}\n--- stderr\n{err[-3000:]}\n--- stdout\n{out[-1000:]}"
     assert status == 2 and "Traceback" not in out + err, shown
     lines = err.splitlines()

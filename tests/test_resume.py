@@ -1,8 +1,9 @@
 """Stopping a run (Ctrl-C, SIGTERM, kill -9) loses nothing: every file under --output is complete or absent, and
-``--resume`` finishes the run with the numbers of the uninterrupted one. Real command lines: Ctrl-C and kill -9 hit
-fresh interpreters; the other runs are forked from the session's warm interpreter (tests/cli_runner.py). The Ctrl-C
-test also shows that the two agree: the first guide's row, written by the fresh interpreter, must equal the forked
-uninterrupted run's (tests/test_faults.py compares what the two print)."""
+``--resume`` finishes the run with the numbers of the uninterrupted one. Real command lines: Ctrl-C hits a fresh
+interpreter; the other runs, the one killed with -9 too, are real processes forked from the session's warm
+interpreter (tests/cli_runner.py). The Ctrl-C test also shows that the two agree: the first guide's row, written by
+the fresh interpreter, must equal the forked uninterrupted run's (tests/test_faults.py compares what the two
+print)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ HANG_GUARD_S = 900
 
 VAE = "pyro_lvm.experiments.vae"
 
-#: ``python -c PAUSING TARGET N WHEN MARKER MODULE ARGS...`` is ``python -m MODULE ARGS`` in a fresh interpreter
-#: that pauses (sleeps) at the N-th atomic rename onto the file TARGET, just ``before`` or ``after`` it, once it has
-#: created MARKER: the test then stops it there with a real signal from outside. The library writes every file
-#: through one rename (``pyro_lvm.report.atomic_target``), so a pause ``before`` one leaves its complete temporary
-#: file beside the target, as a kill during the write would; and a stop is never raced against the run's end.
+#: ``python -c PAUSING TARGET N WHEN MARKER MODULE ARGS...`` is ``python -m MODULE ARGS`` (in a fresh interpreter,
+#: or forked from the warm one as a script) that pauses (sleeps) at the N-th atomic rename onto the file TARGET,
+#: just ``before`` or ``after`` it, once it has created MARKER: the test then stops it there with a real signal from
+#: outside. The library writes every file through one rename (``pyro_lvm.report.atomic_target``), so a pause
+#: ``before`` one leaves its complete temporary file beside the target, as a kill during the write would; and a stop
+#: is never raced against the run's end.
 PAUSING = textwrap.dedent(f"""
     import os, runpy, sys, time
 
@@ -75,27 +77,39 @@ def _numbers(out: Path) -> list[tuple[str, dict]]:
     return [(r["guide"], r["test"]) for r in doc["results"]]
 
 
-def _start_and_stop(args: list[str], sig: int, pause: tuple[Path, int, str],
-                    marker: Path) -> subprocess.CompletedProcess:
-    """``python -m pyro_lvm.experiments.vae *args`` in a fresh interpreter, paused at ``pause`` (see
-    :data:`PAUSING`); once it is paused there, send ``sig`` and return the finished process."""
+def _start_and_stop(args: list[str], sig: int, pause: tuple[Path, int, str], marker: Path,
+                    warm_cli: WarmCLI | None = None) -> subprocess.CompletedProcess:
+    """``python -m pyro_lvm.experiments.vae *args`` in a fresh interpreter (forked from ``warm_cli`` if given), paused
+    at ``pause`` (see :data:`PAUSING`); once it is paused there, send ``sig`` and return the finished process."""
     target, nth, when = pause
-    cmd = [sys.executable, "-c", PAUSING, str(target), str(nth), when, str(marker), VAE, *args]
-    # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
-    # (``pytest &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C would do nothing
-    proc = subprocess.Popen(cmd, env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_default)
+    pausing = [str(target), str(nth), when, str(marker), VAE, *args]
+    if warm_cli is not None:
+        script = marker.with_name("pausing.py")
+        script.write_text(PAUSING)
+        proc: subprocess.Popen | Pending = warm_cli.submit("", pausing, marker.parent, script=script)
+    else:
+        # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
+        # (``pytest &``) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C would do
+        # nothing
+        proc = subprocess.Popen([sys.executable, "-c", PAUSING, *pausing], env=fresh_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+
+    def finish(timeout: float) -> subprocess.CompletedProcess:
+        if isinstance(proc, Pending):
+            return proc.result(timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
     deadline = time.monotonic() + HANG_GUARD_S
     while not marker.exists() and proc.poll() is None:
         if time.monotonic() > deadline:  # a hang, not a slow machine: never signal before the run has paused
-            proc.kill()
-            stderr = proc.communicate()[1]
+            os.kill(proc.pid, signal.SIGKILL)
+            stderr = finish(120).stderr
             pytest.fail(f"the run did not reach {pause} within {HANG_GUARD_S} s; it was killed: {stderr[-2000:]}")
         time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before {pause}: " + proc.communicate()[1][-2000:]
+    assert proc.poll() is None, f"the run ended before {pause}: " + finish(120).stderr[-2000:]
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return finish(120)
 
 
 def _assert_complete_or_absent(out: Path) -> None:
@@ -161,11 +175,12 @@ def test_a_stopped_run_says_how_to_continue_and_resume_finishes_it(
 def test_kill_9_leaves_only_complete_files_and_resume_finishes_the_run(
         tmp_path: Path, uninterrupted: tuple[Path, Path, Pending], warm_cli: WarmCLI) -> None:
     """kill -9 in the middle of writing the first guide's second checkpoint: its temporary file is left, the first
-    checkpoint is whole, and the resume clears the one and continues from the other."""
+    checkpoint is whole, and the resume clears the one and continues from the other. The killed run is forked from
+    the warm interpreter: kill -9 gives a process no say, whatever it imported first."""
     data = uninterrupted[0]
     out = tmp_path / "run"
     last = out / "checkpoints" / "amortized" / "last.ckpt"
-    killed = _start_and_stop(_flags(data, out), signal.SIGKILL, (last, 2, "before"), tmp_path / "paused")
+    killed = _start_and_stop(_flags(data, out), signal.SIGKILL, (last, 2, "before"), tmp_path / "paused", warm_cli)
     assert killed.returncode == -signal.SIGKILL
     assert list(last.parent.glob(".last.ckpt.*.tmp")), "the kill did not land in the middle of a write"
     assert last.is_file() and not (out / "results.json").exists()

@@ -4,24 +4,27 @@
   :class:`~pyro_lvm.report.WriteError` (one ``error:`` line at the command line, exit 2), nothing half-written left;
 * a data-parallel process whose peer never starts: it says what it waits for, gives up after ``ddp_timeout`` with
   one ``error:`` line, and stops at once on SIGTERM or SIGINT.
+
+The processes are real ones with their own pid, exit status, signals and resource limits, forked from the session's
+warm interpreter (tests/cli_runner.py) rather than started fresh, which saves each its imports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import queue
 import signal
 import socket
-import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import WarmCLI
 
 from pyro_lvm import report
 from pyro_lvm.experiments.cli import run_main
@@ -143,10 +146,15 @@ def test_netcdf_made_in_memory_is_what_arviz_writes(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as a stand-in for a full disk")
-def test_writes_that_the_file_system_refuses_end_in_one_error_not_a_crash(tmp_path: Path) -> None:
+def test_writes_that_the_file_system_refuses_end_in_one_error_not_a_crash(tmp_path: Path, warm_cli: WarmCLI) -> None:
     """A real failing file system (a file-size limit: writes past it fail with EFBIG, as ENOSPC on a full disk):
-    the netCDF writer used to die with a segmentation fault inside HDF5, torch.save with an enforce-fail traceback."""
-    script = f"""
+    the netCDF writer used to die with a segmentation fault inside HDF5, torch.save with an enforce-fail traceback.
+    Each write runs in a process of its own (forked: the limit is that process's alone); its stderr goes to a file
+    outside the directory written to, and the one line expected is far below the limit."""
+    target = tmp_path / "target"
+    target.mkdir()
+    script = tmp_path / "write.py"
+    script.write_text(f"""
 import resource, signal, sys
 import numpy as np, arviz as az, torch
 from pyro_lvm.experiments.cli import run_main
@@ -155,15 +163,15 @@ from pyro_lvm.saving import atomic_torch_save
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 idata = az.from_dict(posterior={{"a": np.random.default_rng(0).normal(size=(4, 500, 100))}})
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, resource.RLIM_INFINITY))
-write = {{"nc": lambda: write_netcdf(idata, {str(tmp_path / 'fit.nc')!r}),
-         "pt": lambda: atomic_torch_save({{"w": torch.zeros(100_000)}}, {str(tmp_path / 'last.ckpt')!r})}}[sys.argv[1]]
+write = {{"nc": lambda: write_netcdf(idata, {str(target / 'fit.nc')!r}),
+         "pt": lambda: atomic_torch_save({{"w": torch.zeros(100_000)}}, {str(target / 'last.ckpt')!r})}}[sys.argv[1]]
 sys.exit(run_main(lambda: write() and 0))
-"""
+""")
     for kind, name in (("nc", "fit.nc"), ("pt", "last.ckpt")):
-        proc = subprocess.run([sys.executable, "-c", script, kind], capture_output=True, text=True, timeout=300)
+        proc = warm_cli.run("", [kind], tmp_path, script=script, timeout=300)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.startswith(f"error: could not write {name}: file too large"), proc.stderr[-2000:]
-        assert proc.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+        assert proc.stderr.count("\n") == 1 and list(target.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------- a missing peer
@@ -174,13 +182,14 @@ def _free_port() -> int:
 
 
 def _one_of_two_nodes() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()), "NODE_RANK": "0"}
+    """The environment added for rank 0 of a two-node run whose other node never starts."""
+    return {"PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "NODE_RANK": "0"}
 
 
-def test_a_rank_whose_peer_never_starts_gives_up_after_ddp_timeout(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "out.pt"), "--num-nodes", "2",
-                           "--ddp-timeout", "2"], env=_one_of_two_nodes(), capture_output=True, text=True, timeout=300)
+def test_a_rank_whose_peer_never_starts_gives_up_after_ddp_timeout(tmp_path: Path, warm_cli: WarmCLI) -> None:
+    proc = warm_cli.run("", [str(tmp_path / "out.pt"), "--num-nodes", "2", "--ddp-timeout", "2"], tmp_path,
+                        script=WORKER, env=_one_of_two_nodes(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
     assert "Traceback" not in proc.stderr
@@ -191,66 +200,56 @@ def test_a_rank_whose_peer_never_starts_gives_up_after_ddp_timeout(tmp_path: Pat
     assert not (tmp_path / "out.pt").exists()
 
 
+#: a guard against a hang only: the waiting line comes as soon as the process reaches the rendezvous
+HANG_GUARD_S = 280
+
+
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
                                                    (signal.SIGINT, 130, "interrupted")])
-def test_a_waiting_rank_stops_on_a_signal(tmp_path: Path, sig: int, code: int, word: str) -> None:
+def test_a_waiting_rank_stops_on_a_signal(tmp_path: Path, warm_cli: WarmCLI, sig: int, code: int, word: str) -> None:
     """The command line, one process of two nodes: once it says it is waiting (no clock raced), the signal ends it
-    (before, torch's rendezvous held the main thread in C++ and only kill -9 stopped it)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyro_lvm.experiments.factor_analysis", "--dataset", "synthetic", "--guide", "exact",
-         "--epochs", "2", "--num-nodes", "2", "--strategy", "ddp", "--accelerator", "cpu",
-         "--output", str(tmp_path / "run"), "--quiet"], env=_one_of_two_nodes(), stderr=subprocess.PIPE, text=True,
-        cwd=tmp_path,
-        # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
-        # (``pytest &``) inherits SIGINT ignored, Python keeps an ignored SIGINT ignored, and Ctrl-C would do nothing
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines: queue.Queue[str | None] = queue.Queue()
+    (before, torch's rendezvous held the main thread in C++ and only kill -9 stopped it). The process is forked from
+    the warm interpreter, whose SIGINT is at its default (``pytest &`` would have it ignored), as a fresh one's."""
+    stderr = tmp_path / "stderr.txt"
+    proc = warm_cli.submit(
+        "pyro_lvm.experiments.factor_analysis",
+        ["--dataset", "synthetic", "--guide", "exact", "--epochs", "2", "--num-nodes", "2", "--strategy", "ddp",
+         "--accelerator", "cpu", "--output", str(tmp_path / "run"), "--quiet"],
+        tmp_path, stdout=tmp_path / "stdout.txt", stderr=stderr, env=_one_of_two_nodes())
 
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.put(line)
-        lines.put(None)
+    def err() -> str:
+        return stderr.read_text() if stderr.exists() else ""
 
-    threading.Thread(target=read, daemon=True).start()
-    seen: list[str] = []
     try:
-        while True:  # a guard against a hang only: the line comes as soon as the process reaches the rendezvous
-            line = lines.get(timeout=280)
-            assert line is not None, "".join(seen)[-3000:]
-            seen.append(line)
-            if "waiting for all 2 data-parallel processes" in line:
-                break
+        deadline = time.monotonic() + HANG_GUARD_S
+        while "waiting for all 2 data-parallel processes" not in err():  # polled: the line, not a clock, decides
+            assert proc.poll() is None, f"exited {proc.returncode} before waiting: {err()[-3000:]}"
+            assert time.monotonic() < deadline, f"no waiting line within {HANG_GUARD_S} s (a hang): {err()[-3000:]}"
+            time.sleep(0.05)
         proc.send_signal(sig)
-        assert proc.wait(timeout=120) == code
+        assert proc.wait(timeout=120) == code, err()[-3000:]
     finally:
         if proc.poll() is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since
+                os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    while (line := lines.get(timeout=60)) is not None:
-        seen.append(line)
-    err = "".join(seen)
-    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"{word}:"), err[-3000:]
+    text = err()
+    assert "Traceback" not in text and text.splitlines()[-1].startswith(f"{word}:"), text[-3000:]
     assert not (tmp_path / "run").exists()  # nothing written: the output it made is removed again
 
 
-def test_resume_inspect_redoes_a_truncated_netcdf(tmp_path: Path) -> None:
+def test_resume_inspect_redoes_a_truncated_netcdf(tmp_path: Path, warm_cli: WarmCLI) -> None:
     """A finished guide whose ``.nc`` was cut short (a crash, a full disk elsewhere) is inspected again on
-    ``--resume --inspect``: the same bytes as the first run, exit 0, no traceback."""
-    import os
-    import subprocess
-    import sys
-
+    ``--resume --inspect``: the same bytes as the first run, exit 0, no traceback. Both runs are real command lines,
+    forked from the warm interpreter."""
     out = tmp_path / "R"
-    args = [sys.executable, "-m", "pyro_lvm.experiments", "factor_analysis", "--dataset", "iris", "--latent-dim", "2",
-            "--guide", "amortized", "--epochs", "2", "--iwae-k", "5", "--seed", "0", "--inspect",
-            "--inspect-points", "5", "--inspect-samples", "25", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*args, "--output", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    args = ["factor_analysis", "--dataset", "iris", "--latent-dim", "2", "--guide", "amortized", "--epochs", "2",
+            "--iwae-k", "5", "--seed", "0", "--inspect", "--inspect-points", "5", "--inspect-samples", "25", "--quiet"]
+    first = warm_cli.run("pyro_lvm.experiments", [*args, "--output", str(out)], tmp_path)
     assert first.returncode == 0, first.stderr
     nc = out / "amortized.nc"
     whole = nc.read_bytes()
     nc.write_bytes(whole[: len(whole) // 2])
-    again = subprocess.run([*args, "--resume", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    again = warm_cli.run("pyro_lvm.experiments", [*args, "--resume", str(out)], tmp_path)
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     assert nc.read_bytes() == whole

@@ -11,7 +11,9 @@ only in ``NODE_RANK``):
         --output runs/fa_two_nodes --quiet            # and the same with NODE_RANK=1 on the second node
 
 (The test picks a free MASTER_PORT, sets OMP_NUM_THREADS=1, and runs the single process, the same command without
-``--num-nodes 2 --devices 1 --strategy ddp``, beside the two nodes.)
+``--num-nodes 2 --devices 1 --strategy ddp``, after the two nodes. Node 1 is a fresh interpreter; node 0 and the
+single process are real processes forked from the session's warm interpreter (tests/cli_runner.py), which saves
+their imports: a fresh node and a forked one train together to the fit of a forked single process.)
 
 Why the two fits agree to rounding: factor analysis with its exact posterior as the guide has an ELBO gradient equal
 to ∇ log p(x) whatever z is drawn, the fit is full-batch (each node takes half of the 1200 training points, one
@@ -22,6 +24,7 @@ the node's half) would show as a factor of 2, not as rounding.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import Pending, WarmCLI
 
 import pyro_lvm
 
@@ -68,16 +72,20 @@ def _start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
                                  **env})
 
 
-def _finish(procs: dict[str, subprocess.Popen]) -> dict[str, str]:
+def _finish(procs: dict[str, subprocess.Popen | Pending]) -> dict[str, str]:
     """Each process's stderr, once all have exited with status 0 and no traceback (any still running is killed)."""
     errs: dict[str, str] = {}
     try:
         for name, proc in procs.items():
-            _, errs[name] = proc.communicate(timeout=HANG_GUARD_S)
+            if isinstance(proc, Pending):
+                errs[name] = proc.result(HANG_GUARD_S).stderr
+            else:
+                _, errs[name] = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):  # it may have ended since
+                    os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{errs.get(name, '')[-3000:]}"
@@ -90,13 +98,20 @@ def _train_losses(out: Path) -> list[float]:
         return [float(row["train_loss"]) for row in csv.DictReader(f)]
 
 
-def test_two_nodes_on_one_machine_train_to_the_single_process_fit(tmp_path: Path) -> None:
+def _fork(cli: WarmCLI, args: list[str], cwd: Path, **env: str) -> Pending:
+    """``args`` (``python -m MODULE ...``) forked from the warm interpreter, with :func:`_start`'s environment."""
+    assert args[:2] == [sys.executable, "-m"]
+    return cli.submit(args[2], args[3:], cwd, env={"PYTHONWARNINGS": "ignore", **env})
+
+
+def test_two_nodes_on_one_machine_train_to_the_single_process_fit(tmp_path: Path, warm_cli: WarmCLI) -> None:
     two, one = tmp_path / "two_nodes", tmp_path / "one"
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = {  # the same command on both nodes (one output, as on a shared file system: only rank 0 writes)
-        "node 0": _start(command(two, TWO_NODES), tmp_path, NODE_RANK="0", **rendezvous),
+        "node 0": _fork(warm_cli, command(two, TWO_NODES), tmp_path, NODE_RANK="0", **rendezvous),
         "node 1": _start(command(two, TWO_NODES), tmp_path, NODE_RANK="1", **rendezvous),
-        "one process": _start(command(one), tmp_path),
+        # the warm interpreter serves one request at a time: this one starts once node 0 has finished
+        "one process": _fork(warm_cli, command(one), tmp_path),
     }
     _finish(procs)
 
