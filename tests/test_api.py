@@ -97,11 +97,19 @@ def test_registering_twice_is_harmless_on_reload_and_a_clash_otherwise() -> None
     import pyro_lvm.guides.flows as flows
     import pyro_lvm.models.vae as vae
 
-    importlib.reload(vae)
-    importlib.reload(flows)
-    assert "vae" in MODELS and "planar" in GUIDES
-    with pytest.raises(ValueError, match="'vae' is already registered"):
-        MODELS.register("vae")(type("Impostor", (), {}))
+    # a reload rebinds the modules' globals (VAE, the flow classes) to new classes in place: the originals are put
+    # back afterwards, or every later test's models would see their own class's methods compare against impostors
+    saved = {module: dict(vars(module)) for module in (vae, flows)}
+    try:
+        importlib.reload(vae)
+        importlib.reload(flows)
+        assert "vae" in MODELS and "planar" in GUIDES
+        with pytest.raises(ValueError, match="'vae' is already registered"):
+            MODELS.register("vae")(type("Impostor", (), {}))
+    finally:
+        for module, namespace in saved.items():
+            vars(module).clear()
+            vars(module).update(namespace)
 
 
 @pytest.mark.parametrize("model_name,guide_name", PAIRS)
