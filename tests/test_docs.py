@@ -37,11 +37,13 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def run_tutorial(name: str, names: list[str], tmp_path: Path) -> dict:
-    env = {**os.environ, "PYRO_LVM_TUTORIAL_TINY": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(TUTORIALS / f"{name}.py"), ",".join(names)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+def run_tutorial(name: str, names: list[str], tmp_path: Path, warm_cli: object) -> dict:
+    """The tutorial as a script, in a process forked from the suite's warm interpreter (its imports done once: a
+    fresh interpreter per tutorial cost ~5 s each), at the tiny settings."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    proc = warm_cli.run("", [str(TUTORIALS / f"{name}.py"), ",".join(names)], cwd=tmp_path,  # type: ignore[attr-defined]
+                        script=driver, env={"PYRO_LVM_TUTORIAL_TINY": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line.removeprefix("RESULT "))
@@ -51,8 +53,9 @@ def _num(v: object) -> float:
     return -math.inf if v is None else float(v)  # pandas writes -inf as null
 
 
-def test_compare_families_tutorial_orders_the_bounds_and_the_exact_guide_closes_the_gap(tmp_path: Path) -> None:
-    r = run_tutorial("compare_families", ["table", "baseline", "IWAE_K"], tmp_path)
+def test_compare_families_tutorial_orders_the_bounds_and_the_exact_guide_closes_the_gap(tmp_path: Path,
+                                                                                       warm_cli: object) -> None:
+    r = run_tutorial("compare_families", ["table", "baseline", "IWAE_K"], tmp_path, warm_cli)
     table, k = r["table"], r["IWAE_K"]
     guides = list(table["ELBO"])
     assert guides == ["exact", "amortized", "amortized-fullcov", "iaf:2"]
@@ -66,8 +69,8 @@ def test_compare_families_tutorial_orders_the_bounds_and_the_exact_guide_closes_
     assert abs(table["exact log p(x)"]["exact"] - r["baseline"]) < 2.0  # SVI in reach of scikit-learn's EM
 
 
-def test_inspect_tutorial_flags_the_diagonal_guide_and_splits_its_gap(tmp_path: Path) -> None:
-    r = run_tutorial("inspect_and_trust", ["verdict", "report", "error_raw", "error_psis"], tmp_path)
+def test_inspect_tutorial_flags_the_diagonal_guide_and_splits_its_gap(tmp_path: Path, warm_cli: object) -> None:
+    r = run_tutorial("inspect_and_trust", ["verdict", "report", "error_raw", "error_psis"], tmp_path, warm_cli)
     verdict, report = r["verdict"], r["report"]
     assert verdict["share k̂ ≤ 0.7"]["exact"] == 1.0 and verdict["verdict"]["exact"] == "use the draws"
     assert verdict["share k̂ ≤ 0.7"]["amortized"] < 0.5  # too narrow in the correlated direction
@@ -83,8 +86,9 @@ def test_inspect_tutorial_flags_the_diagonal_guide_and_splits_its_gap(tmp_path: 
     assert r["error_psis"] < r["error_raw"]  # PSIS moves the trusted points' means toward the exact ones
 
 
-def test_own_model_tutorial_refuses_the_bad_function_and_recovers_the_size_factor(tmp_path: Path) -> None:
-    r = run_tutorial("own_model", ["refusal", "table", "baseline", "correlation", "GUIDES"], tmp_path)
+def test_own_model_tutorial_refuses_the_bad_function_and_recovers_the_size_factor(tmp_path: Path,
+                                                                                  warm_cli: object) -> None:
+    r = run_tutorial("own_model", ["refusal", "table", "baseline", "correlation", "GUIDES"], tmp_path, warm_cli)
     assert "'c'" in r["refusal"] and "discrete" in r["refusal"]
     table = r["table"]
     assert list(table["ELBO"]) == r["GUIDES"]
