@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,3 +17,17 @@ def write_outputs(output: str | Path, res: dict[str, Any], markdown: str) -> Pat
     (out / "results.md").write_text(markdown)
     print(markdown, end="")
     return out
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated names, each one of ``choices`` (at least one)."""
+
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(unknown) or 'none given'}; choose from "
+                                             f"{', '.join(choices)}")
+        return names
+
+    return parse

@@ -38,7 +38,7 @@ from pyro_lvm.data import DataConfig, load_dataset
 from pyro_lvm.evaluate import EvalConfig, evaluate
 from pyro_lvm.experiments.cli import positive_int, run_main
 
-from . import write_outputs
+from . import name_list, write_outputs
 from .vae_step_time import PeakRSS, build
 
 #: the evaluation paths timed (``fused``: the default; ``traces``: ``EvalConfig(fused=False)``)
@@ -221,20 +221,14 @@ def _rows(text: str) -> list[int]:
     return rows
 
 
-def _paths(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names or any(n not in PATHS for n in names):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(PATHS)}, got {text!r}")
-    return names
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.iwae_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iwae-k", type=positive_int, default=5000)
     p.add_argument("--points", type=positive_int, default=20, help="test images evaluated per round and path")
     p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds")
-    p.add_argument("--paths", type=_paths, default=list(PATHS), help=f"comma-separated, from: {', '.join(PATHS)}")
+    p.add_argument("--paths", type=name_list(PATHS), default=list(PATHS),
+                   help=f"comma-separated, from: {', '.join(PATHS)}")
     p.add_argument("--max-rows", type=positive_int, default=EvalConfig.max_rows, help="EvalConfig.max_rows")
     p.add_argument("--gemm-rows", type=_rows, default=[256, 1024, 4096],
                    help="row counts M at which the GEMM rate is also measured (besides the two paths' own)")

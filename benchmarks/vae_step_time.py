@@ -57,7 +57,7 @@ from pyro_lvm.guides import GuideConfig, build_guide
 from pyro_lvm.models import VAE, VAEConfig
 from pyro_lvm.train import TrainConfig, fit
 
-from . import write_outputs
+from . import name_list, write_outputs
 from .handwritten_loop import fit_handwritten
 
 
@@ -355,20 +355,12 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _paths(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in PATHS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
-    return names
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.vae_step_time", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--warmup", type=positive_int, default=20)
-    p.add_argument("--paths", type=_paths, default=list(DEFAULT_PATHS),
+    p.add_argument("--paths", type=name_list(PATHS), default=list(DEFAULT_PATHS),
                    help=f"comma-separated, from: {', '.join(PATHS)} (default: {','.join(DEFAULT_PATHS)})")
     p.add_argument("--no-numpyro", action="store_true", help="leave NumPyro out")
     p.add_argument("--numpyro-python", default=None,
