@@ -348,20 +348,24 @@ class _SummedOut(dist.TorchDistribution):
             raise NotImplementedError("a summed-out likelihood draws one x per batch element (sample_shape=())")
         return self.sample_with_sites()[0]
 
+    def _enum_and_batch(self, shape: torch.Size) -> tuple[torch.Size, torch.Size]:
+        """``shape`` split into its enumeration dims and its batch dims (the rightmost ``batch_dims``)."""
+        cut = max(0, len(shape) - self.batch_dims)
+        return shape[:cut], shape[cut:]
+
     def sample_with_sites(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One draw x̃ (*batch, *event) and the discrete sites' values it was drawn at, c ~ p(c | u, x) (*batch)."""
         with torch.no_grad():
             x = self.observed.sample()  # every value of the enumerated sites: (*enum, *batch, *event)
-            event = len(self.observed.event_shape)
-            batch = torch.broadcast_shapes(self.batch_shape, self.joint.shape[self.joint.dim() - self.batch_dims:] if
-                                           self.joint.dim() > self.batch_dims else self.joint.shape,
-                                           x.shape[max(0, x.dim() - event - self.batch_dims):x.dim() - event])
-            enum = torch.broadcast_shapes(self.joint.shape[:max(0, self.joint.dim() - self.batch_dims)],
-                                          x.shape[:max(0, x.dim() - event - self.batch_dims)])
+            event = x.shape[x.dim() - len(self.observed.event_shape):]
+            x_enum, x_batch = self._enum_and_batch(x.shape[:x.dim() - len(event)])
+            joint_enum, joint_batch = self._enum_and_batch(self.joint.shape)
+            batch = torch.broadcast_shapes(self.batch_shape, joint_batch, x_batch)
+            enum = torch.broadcast_shapes(joint_enum, x_enum)
             joint = self.joint.expand(enum + batch).reshape((-1,) + batch)  # (E, *batch)
             pick = dist.Categorical(logits=joint.movedim(0, -1)).sample()  # c ~ p(c | u, x): (*batch)
-            x = x.expand(enum + batch + x.shape[x.dim() - event:]).reshape((-1,) + batch + x.shape[x.dim() - event:])
-            index = pick.reshape((1,) + batch + (1,) * event).expand((1,) + x.shape[1:])
+            x = x.expand(enum + batch + event).reshape((-1,) + batch + event)
+            index = pick.reshape((1,) + batch + (1,) * len(event)).expand((1,) + x.shape[1:])
             sites = {name: v.reshape(v.shape[:v.dim() - self.batch_dims]).expand(enum).reshape(-1)[pick]
                      for name, v in self.discrete.items()}
             return x.gather(0, index).squeeze(0), sites
