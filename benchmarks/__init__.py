@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,16 @@ def write_outputs(output: str | Path, res: dict[str, Any], markdown: str) -> Pat
     (out / "results.md").write_text(markdown)
     print(markdown, end="")
     return out
+
+
+def pin_cpus(n: int) -> list[int]:
+    """Confine this process, and the processes it starts, to ``n`` of the CPUs it may use (all of them where it
+    may use no more); the CPUs, in order. A peer whose runtime starts threads of its own (XLA) then gets no more
+    cores than a torch path held to ``n`` threads."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if n < len(cpus):
+        os.sched_setaffinity(0, cpus[:n])
+    return sorted(os.sched_getaffinity(0))
 
 
 def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:

@@ -21,9 +21,11 @@ rate 1e-3 after clipping the gradient's global norm to 100 (torch's rule: scale 
 ``jax.jit(svi.update)``. Each step ends with the loss read to the host and checked to be finite (the PyTorch paths'
 NaN check), which also waits for the step to finish.
 
-Threads: ``--threads 1`` confines XLA's CPU client to one thread (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1`` and ``OMP_NUM_THREADS=1``, set before JAX is imported); the process's CPU time per
-wall second over the timed steps is reported beside the times, as a check.
+Threads: ``--threads n`` confines the process to n CPUs (its affinity mask, inherited by every thread XLA starts)
+and asks XLA's CPU client for one thread (``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1`` and ``OMP_NUM_THREADS``, set before JAX is imported; the flags alone left JAX 0.10
+at 1.7 CPU seconds per wall second); the process's CPU time per wall second over the timed steps is reported beside
+the times, as a check.
 
 Output: one JSON object on stdout (``--json``) or a line of text: the median seconds per step after warm-up (wall
 clock, and the process's CPU clock), every step's time, the CPU-time ratio, and the versions.
@@ -45,14 +47,23 @@ DATA_DIM, HIDDEN, LATENT, BATCH, LR, CLIP = 784, (300, 300), 40, 100, 1e-3, 100.
 INIT_SCALE = 0.1
 
 
-def _threads(n: int) -> None:
-    """Confine XLA (and any OpenMP in its libraries) to ``n`` threads; before JAX is imported."""
+def _threads(n: int) -> list[int]:
+    """Confine XLA (and any OpenMP in its libraries) to ``n`` threads and the process to ``n`` CPUs; before JAX is
+    imported. The CPUs it may run on, in order.
+
+    The flags alone do not hold JAX 0.10's CPU client to one thread: with them, measured on the 2-core machine, its
+    step used 1.7 CPU seconds per wall second (its runtime's own thread pool), so a "1 thread" NumPyro step had
+    nearly two cores against torch's one. The affinity mask does hold every thread it starts to ``n`` CPUs."""
     os.environ["OMP_NUM_THREADS"] = str(n)
     flags = os.environ.get("XLA_FLAGS", "")
     if n == 1:
         flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     os.environ["XLA_FLAGS"] = flags.strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cpus = sorted(os.sched_getaffinity(0))
+    if n < len(cpus):
+        os.sched_setaffinity(0, cpus[:n])
+    return sorted(os.sched_getaffinity(0))
 
 
 def load_train(path: Path) -> Any:
@@ -65,7 +76,7 @@ def load_train(path: Path) -> Any:
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    _threads(a.threads)
+    cpus = _threads(a.threads)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -153,7 +164,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     timed = times[a.warmup:]
     return {"benchmark": "peer_numpyro", "library": f"numpyro {numpyro.__version__}",
-            "jax": jax.__version__, "python": platform.python_version(), "threads": a.threads,
+            "jax": jax.__version__, "python": platform.python_version(), "threads": a.threads, "cpus": cpus,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": a.steps, "warmup_steps": a.warmup,
             "seconds_per_step": statistics.median(timed), "step_seconds": timed,
             "cpu_seconds_per_step": statistics.median(cpu_times[a.warmup:]),

@@ -28,7 +28,7 @@ from pyro_lvm.harness import EXPERIMENTS, TRAINER_FLAGS, Experiment, ExperimentC
 from pyro_lvm.registry import UnknownNameError
 from pyro_lvm.report import results_table
 from pyro_lvm.runtime import ACCELERATORS, cli_threads
-from pyro_lvm.train import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, TrainingError, default_warmup
+from pyro_lvm.train import OPTIMIZERS, PRECISIONS, STEPS, STRATEGIES, TrainConfig, TrainingError, default_warmup
 
 #: errors that are the user's to fix: reported in one line, exit status 2, no traceback
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnknownNameError, TrainingError)
@@ -155,7 +155,7 @@ def parse_config(experiment: Experiment, argv: Sequence[str] | None,
                        description=plain_text(sys.modules[type(experiment).__module__].__doc__ or ""),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"accelerator": lambda: list(ACCELERATORS), "strategy": lambda: list(STRATEGIES),
-               "precision": lambda: list(PRECISIONS), "optimizer": OPTIMIZERS.names,
+               "precision": lambda: list(PRECISIONS), "optimizer": OPTIMIZERS.names, "step": lambda: list(STEPS),
                **getattr(experiment, "choices", {})}
     top = add_config_arguments(p, cls, defaults, choices=choices)
     train = add_config_arguments(p, TrainConfig, defaults.train, only=(*experiment.train_flags, *TRAINER_FLAGS),

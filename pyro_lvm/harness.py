@@ -231,9 +231,9 @@ class Experiment:
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
-#: TrainConfig fields every experiment exposes as flags: the optimiser, where and how Lightning trains, how often a
-#: run whose output is not a terminal prints a progress line
-TRAINER_FLAGS = ("optimizer", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers", "ddp_timeout",
+#: TrainConfig fields every experiment exposes as flags: the optimiser, how a step runs, where and how Lightning
+#: trains, how often a run whose output is not a terminal prints a progress line
+TRAINER_FLAGS = ("optimizer", "step", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers", "ddp_timeout",
                  "progress_seconds")
 
 

@@ -68,6 +68,17 @@ def test_traced_loss_and_gradients_equal_pyro_trace_elbo_on_a_fixed_draw(beta: f
             assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
             for a, b in zip(grads, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        # the graph that holds backward too (what a one-process fit's step runs): the same loss and gradients,
+        # for the same parameters in the same order, with autograd nowhere in the replay
+        assert plan.traced.grad_params() == [p for p in plan.parameters() if p.requires_grad]
+        for _ in range(2):
+            with seeded(3):
+                loss, grads = plan.traced.loss_and_grads(x, plan._beta())
+            assert plan.traced.traces == 2 and not loss.requires_grad
+            assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+            for a, b in zip(grads, want, strict=True):
+                assert a is not None and not a.requires_grad
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert plan.step_kind == "traced"
 
 
@@ -108,6 +119,24 @@ def test_default_fit_trains_the_same_parameters_as_eager_trace_elbo_with_per_ten
     # the traced step alone (the same optimiser) gives the very same parameters: its gradients are Pyro's
     same, _ = _fit_params(*_vae(), x, step="traced", optimizer="adam-loop")
     assert torch.equal(same, slow)
+
+
+@pytest.mark.usefixtures("float64")
+def test_auto_compiles_a_long_fit_and_trains_the_same_parameters_as_the_eager_step(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # the thresholds lowered so that a 9-step fit counts as long: auto compiles the traced graph (Inductor, about
+    # 10 s here, once); its kernels round differently from the eager step's, float64 keeps that far below 1e-9
+    monkeypatch.setattr(train_module, "TRACE_MIN_STEPS", 1)
+    monkeypatch.setattr(train_module, "COMPILE_MIN_STEPS", 9)
+    x = binary_data(N, 12).double()
+    with caplog.at_level(logging.INFO, logger=train_module.STEP_LOG.name):
+        fast, fr_fast = _fit_params(*_vae(), x)
+    assert fr_fast.step == "compiled" and fr_fast.step_note == ""
+    assert any("compiled" in r.getMessage() for r in caplog.records)
+    slow, fr_slow = _fit_params(*_vae(), x, step="eager", optimizer="adam-loop")
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-11)
+    for a, b in zip(fr_fast.history, fr_slow.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-10)
 
 
 def test_traced_fit_is_deterministic_and_warm_up_needs_one_trace_per_shape() -> None:
@@ -209,6 +238,30 @@ def test_traced_loss_refuses_python_that_reads_tensor_values() -> None:
 
     with pytest.raises(TraceUnsupported, match="cannot be traced"):
         TracedLoss(owner, loss)(torch.ones(3))
+
+
+def test_joint_graph_leaves_none_where_the_loss_does_not_depend_on_a_parameter_and_skips_frozen_ones() -> None:
+    owner = torch.nn.Module()
+    owner.a, owner.unused = torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.ones(2))
+    owner.frozen = torch.nn.Parameter(torch.tensor(3.0), requires_grad=False)
+    owner.register_buffer("shift", torch.tensor(0.5))
+
+    def loss(x: torch.Tensor) -> torch.Tensor:  # d/da = 2 a x^2 frozen, as autograd has it
+        return ((owner.a * x) ** 2).sum() * owner.frozen + owner.shift
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return loss(x)
+
+    traced = TracedLoss(owner, loss, reference)
+    x = torch.tensor([0.5, -1.0])
+    for _ in range(2):  # traced and checked against the reference, then replayed
+        value, grads = traced.loss_and_grads(x)
+        assert traced.grad_params() == [owner.a, owner.unused]
+        assert value.item() == pytest.approx(3.0 * (0.25 + 4.0) + 0.5)
+        assert grads[1] is None
+        torch.testing.assert_close(grads[0], 2 * owner.a.detach() * x ** 2 * 3.0)
+    owner.a.data.mul_(2)  # the replay reads the parameters' current values
+    torch.testing.assert_close(traced.loss_and_grads(x)[1][0], 2 * owner.a.detach() * x ** 2 * 3.0)
 
 
 def test_explicit_traced_step_is_refused_where_it_cannot_apply() -> None:
