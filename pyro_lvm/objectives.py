@@ -365,6 +365,11 @@ class TracedLoss:
             self._present[key] = present
         # operations whose results nothing reads (Pyro's bookkeeping: index ranges, detached copies); random draws
         # and in-place operations count as used, so the replay's draws stay Pyro's
+        if joint:  # replayed under no_grad, where a detach only makes another view object: its input serves
+            for node in list(graph.graph.nodes):
+                if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+                    node.replace_all_uses_with(node.args[0])
+                    graph.graph.erase_node(node)
         graph.graph.eliminate_dead_code()
         # positional placeholders in place of make_fx's pytree flattening of (state, tensors) at every call (0.1 ms
         # a step for the MNIST VAE's 30 tensors): the callers pass the flat list themselves, and the graph returns
