@@ -384,11 +384,12 @@ class TracedLoss:
             try:
                 loss = first(compiled)
                 graph = compiled
-            except TraceUnsupported:
-                raise
-            except Exception as e:  # noqa: BLE001 - a compiler failure: the traced graph runs as it is
+            except Exception as e:  # noqa: BLE001 - a compiler failure, or compiled kernels that round past the
+                # check's tolerance: the traced graph runs as it is (and is checked itself: a model that cannot be
+                # traced at all still raises TraceUnsupported from there)
                 self.compile = False
-                self.note = f"torch.compile failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                why = "disagrees with Pyro's loss" if isinstance(e, TraceUnsupported) else "failed"
+                self.note = f"torch.compile {why} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
                 _LOG.info("fit: %s; the traced graph runs uncompiled", self.note)
                 loss = first(graph)
         else:

@@ -564,6 +564,8 @@ def _run_trainer(trainer: Any, plan: Any, data: Any, resume: str | None, best: A
                        step_seconds=plan.step_seconds, rank=trainer.global_rank,
                        train_seconds=plan.history[-1]["seconds"] if plan.history else 0.0,
                        step=plan.step_kind, step_note=plan.step_note)
+    if plan.traced is not None and plan.traced.note and plan.step_kind == "compiled":  # the compiler gave way
+        result.step, result.step_note = "traced", plan.traced.note
     if best is not None and best.best_model_path:
         ckpt = read_checkpoint(best.best_model_path)
         result.best_epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]

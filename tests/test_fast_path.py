@@ -139,6 +139,27 @@ def test_auto_compiles_a_long_fit_and_trains_the_same_parameters_as_the_eager_st
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-10)
 
 
+@pytest.mark.parametrize("how", ["fails", "disagrees"])
+def test_a_compiler_that_fails_or_rounds_too_far_leaves_the_traced_graph_running_and_says_so(
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    def broken_compile(graph: Any, **kwargs: Any) -> Any:
+        if how == "fails":
+            def run(*args: Any) -> Any:
+                raise RuntimeError("no C++ compiler")
+        else:  # kernels whose loss is off by more than the check's tolerance
+            def run(*args: Any) -> Any:
+                out = graph(*args)
+                return [out[0] * 1.01, *out[1:]]
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = binary_data(N, 12)
+    _, fr = _fit_params(*_vae(), x, step="compiled")
+    traced, fr_traced = _fit_params(*_vae(), x, step="traced")
+    assert fr.step == "traced" and ("failed" if how == "fails" else "disagrees") in fr.step_note
+    assert fr.history[-1]["train_loss"] == fr_traced.history[-1]["train_loss"]
+
+
 def test_traced_fit_is_deterministic_and_warm_up_needs_one_trace_per_shape() -> None:
     x = binary_data(50, 12)  # 50 points in minibatches of 16: two shapes, 16 and 2
     runs = []
