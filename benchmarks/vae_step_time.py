@@ -30,9 +30,9 @@ backward, clipping, update and, for Lightning, every hook). Each round runs ever
 round to round so that drift in the machine's speed (frequency, other load) hits each alike; a path's figure is the
 median over rounds of its per-round median step time after warm-up, and each ratio is also given per round (on a
 busy machine read the ratios). Torch and XLA are held to ``--threads`` threads (default 1), and the process (with
-NumPyro's, which inherits it) to as many CPUs: XLA's flags alone let its runtime use a second core. Then the peak memory and
-time of IWAE-K evaluation (time for the full test set extrapolated from the points evaluated; ``--eval-points 0``
-skips it).
+NumPyro's, which inherits it) to as many CPUs: XLA's flags alone let its runtime use a second core. Then the peak
+memory and time of IWAE-K evaluation (time for the full test set extrapolated from the points evaluated;
+``--eval-points 0`` skips it).
 """
 
 from __future__ import annotations

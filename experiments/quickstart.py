@@ -153,18 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.jobs is not None and a.jobs < 1:
         p.error(f"--jobs: must be an integer >= 1, got {a.jobs}")
     names = [s.strip() for s in a.sections.split(",") if s.strip()]
-    runs = [(name, SECTIONS[name]) for name in names]  # unknown names fail here, before any work
-    jobs = min(len(runs), a.jobs if a.jobs is not None else len(os.sched_getaffinity(0)))
+    for name in names:
+        SECTIONS[name]  # unknown names fail here, before any work
+    jobs = min(len(names), a.jobs if a.jobs is not None else len(os.sched_getaffinity(0)))
     summary, t0 = {}, time.perf_counter()
     run = functools.partial(_section, seed=a.seed, output=a.output, smoke=a.smoke, quiet=a.quiet, threads=a.threads,
                             t0=t0)
-    if jobs <= 1:
-        done: Iterator[tuple[dict[str, Any], float]] = (run(name) for name, _ in runs)
-    else:
-        done = _at_once(run, [name for name, _ in runs], jobs)
+    done: Iterator[tuple[dict[str, Any], float]] = (run(name) for name in names) if jobs <= 1 else \
+        _at_once(run, names, jobs)
     try:
         with _terminate_as_exception():  # SIGTERM unwinds as Ctrl-C does: the workers are stopped on the way out
-            for (name, _), (payload, seconds) in zip(runs, done, strict=True):
+            for name, (payload, seconds) in zip(names, done, strict=True):
                 summary[name] = {"seconds": seconds, "results": f"{a.output}/{name}/results.json"}
                 print(results_table(payload, brief=True), flush=True)
     except Terminated:

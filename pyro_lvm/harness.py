@@ -233,8 +233,8 @@ EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 
 #: TrainConfig fields every experiment exposes as flags: the optimiser, how a step runs, where and how Lightning
 #: trains, how often a run whose output is not a terminal prints a progress line
-TRAINER_FLAGS = ("optimizer", "step", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers", "ddp_timeout",
-                 "progress_seconds")
+TRAINER_FLAGS = ("optimizer", "step", "accelerator", "devices", "num_nodes", "strategy", "precision", "workers",
+                 "ddp_timeout", "progress_seconds")
 
 
 def register_experiment(name: str) -> Any:

@@ -106,8 +106,8 @@ class SVIPlan(pl.LightningModule):
         self._train_seconds_before = 0.0  # time of the epochs done before a resume
         #: the training loss as a traced graph (:meth:`use_traced_step`), ``None``: Pyro's ELBO module each step
         self.traced: TracedLoss | None = None
-        #: how the steps ran: ``traced`` (or ``compiled``) or ``eager``, and why the traced step was not used
-        self.step_kind, self.step_note = "eager", ""
+        #: why the steps run eagerly where the traced step would not apply (see :attr:`step_note`)
+        self._eager_note = ""
         self._beta_tensor: torch.Tensor | None = None
         # the step without Lightning's backward and optimiser wrappers (single process, plain precision, no callback
         # on the backward or optimiser hooks): decided when training starts
@@ -138,7 +138,27 @@ class SVIPlan(pl.LightningModule):
             return self.loss(x, total_size=total, beta=beta) / total
 
         self.traced = TracedLoss(self, traced, reference, compile=compile)
-        self.step_kind, self.step_note = ("compiled" if compile else "traced"), ""
+
+    @property
+    def step_kind(self) -> str:
+        """How the steps run: ``compiled``, ``traced`` (also where the compiler gave way) or ``eager``."""
+        if self.traced is None:
+            return "eager"
+        return "compiled" if self.traced.compile else "traced"
+
+    @property
+    def step_note(self) -> str:
+        """Why the steps do not run as asked (tracing does not apply, or the compiler gave way), else ``""``."""
+        return self._eager_note if self.traced is None else self.traced.note
+
+    @step_note.setter
+    def step_note(self, why: str) -> None:
+        self._eager_note = why
+
+    def _stop_tracing(self, e: TraceUnsupported) -> None:
+        """Train with Pyro's loss from now on, and say why once."""
+        self.traced, self._eager_note = None, str(e)
+        STEP_LOG.info("fit: %s; training with Pyro's Trace_ELBO step instead", e)
 
     def training_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The minibatch's training loss, as :meth:`forward`, through the traced graph where there is one."""
@@ -146,8 +166,7 @@ class SVIPlan(pl.LightningModule):
             try:
                 return self.traced(x, self._beta())
             except TraceUnsupported as e:
-                self.traced, self.step_kind, self.step_note = None, "eager", str(e)
-                STEP_LOG.info("fit: %s; training with Pyro's Trace_ELBO step instead", e)
+                self._stop_tracing(e)
         return self(x)
 
     def _joint_loss_and_grads(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
@@ -158,8 +177,7 @@ class SVIPlan(pl.LightningModule):
         try:
             return self.traced.loss_and_grads(x, self._beta())
         except TraceUnsupported as e:
-            self.traced, self.step_kind, self.step_note = None, "eager", str(e)
-            STEP_LOG.info("fit: %s; training with Pyro's Trace_ELBO step instead", e)
+            self._stop_tracing(e)
             return None
 
     def _beta(self) -> torch.Tensor:

@@ -464,12 +464,13 @@ def _fit(model: LatentModel, guide: Any, train: torch.Tensor, valid: torch.Tenso
                            drop_last=elbo_name == "jit",  # a traced graph is specialised to its input shape
                            workers=config.workers, pin_memory=accelerator == "gpu" and train.device.type == "cpu")
     planned = epochs * len(data.sampler)
-    step, why = _step_kind(config, elbo_name, objective, min(planned, config.max_steps or planned), bool(params))
+    steps = min(planned, config.max_steps or planned)
+    step, why = _step_kind(config, elbo_name, objective, steps, bool(params))
     if step != "eager":
         plan.use_traced_step(compile=step == "compiled")
         if step == "compiled" and config.step == "auto":
             STEP_LOG.info("fit: %d steps planned: the traced step is compiled (torch.compile, about 20 s once per "
-                          "minibatch shape; --step traced skips it)", min(planned, config.max_steps or planned))
+                          "minibatch shape; --step traced skips it)", steps)
     else:
         plan.step_note = why
         if why:
@@ -564,8 +565,6 @@ def _run_trainer(trainer: Any, plan: Any, data: Any, resume: str | None, best: A
                        step_seconds=plan.step_seconds, rank=trainer.global_rank,
                        train_seconds=plan.history[-1]["seconds"] if plan.history else 0.0,
                        step=plan.step_kind, step_note=plan.step_note)
-    if plan.traced is not None and plan.traced.note and plan.step_kind == "compiled":  # the compiler gave way
-        result.step, result.step_note = "traced", plan.traced.note
     if best is not None and best.best_model_path:
         ckpt = read_checkpoint(best.best_model_path)
         result.best_epoch = ckpt["pyro_lvm"]["history"][-1]["epoch"]
