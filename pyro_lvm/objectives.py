@@ -58,6 +58,7 @@ from pyro.distributions.util import detach, is_identically_zero
 from pyro.infer import ELBO
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from pyro_lvm.graphs import replay, simplify
 from pyro_lvm.models.base import DATA_PLATE, ModelTraits, in_data_plate
 from pyro_lvm.registry import Registry, split_spec
 
@@ -375,7 +376,7 @@ class TracedLoss:
         # a step for the MNIST VAE's 30 tensors): the callers pass the flat list themselves, and the graph returns
         # its flat list of outputs ([loss], or [loss, *gradients])
         graph.graph._codegen = torch.fx.graph.CodeGen()
-        graph.recompile()
+        simplify(graph)  # identities dropped, constants folded (pyro_lvm.graphs): fewer operations to replay
         tensors = [leaves[i] for i in where]
         first = functools.partial(self._first_run, state=state, tensors=tensors, args=args, kwargs=kwargs, rng=rng,
                                   key=key if joint else None)
@@ -391,8 +392,10 @@ class TracedLoss:
                 why = "disagrees with Pyro's loss" if isinstance(e, TraceUnsupported) else "failed"
                 self.note = f"torch.compile {why} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
                 _LOG.info("fit: %s; the traced graph runs uncompiled", self.note)
+                graph = replay(graph)
                 loss = first(graph)
         else:
+            graph = replay(graph)
             loss = first(graph)
         self._graphs[key] = graph
         self.traces += 1

@@ -89,14 +89,74 @@ ELBOS.register("tracegraph")(TraceGraphLoss)  # score function with Rao-Blackwel
 ELBOS.register("traceenum")(TraceEnum_ELBO)  # sums enumerated discrete sites out exactly
 
 
+class FusedAdam(torch.optim.Adam):
+    """``torch.optim.Adam(fused=True)`` whose step, once every parameter has its state, calls the fused kernel with
+    the lists it built before instead of rebuilding them: the same kernel on the same tensors with the same
+    hyperparameters (read from ``param_groups`` at every step, so learning-rate schedules apply), hence the same
+    numbers to the bit, without ``Adam.step``'s per-parameter bookkeeping and grouping by device and dtype (about
+    50 µs a step, which a full-batch factor-model step of 1-2 ms notices).
+
+    The short way is taken only in the plain case: no closure, no gradient scaler, every parameter of a group with
+    a gradient, one device and dtype per group, no AMSGrad, ``maximize``, ``differentiable`` or decoupled weight
+    decay; anything else, and the first step (which creates the state), goes through ``Adam.step``. Loading a
+    state dict or adding a group drops the lists."""
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        self._lists: list[tuple[list[torch.Tensor], ...]] | None = None
+        super().__init__(params, fused=True, **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._lists = None
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._lists = None
+        super().load_state_dict(state_dict)
+
+    def _build(self) -> list[tuple[list[torch.Tensor], ...]] | None:
+        lists = []
+        for group in self.param_groups:
+            params = [p for p in group["params"]]
+            states = [self.state.get(p) for p in params]
+            if not params or any(not s for s in states) or len({(p.device, p.dtype) for p in params}) > 1:
+                return None
+            lists.append((params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                          [s["step"] for s in states]))
+        return lists
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        lists = self._lists
+        if closure is None and lists is not None and getattr(self, "grad_scale", None) is None \
+                and getattr(self, "found_inf", None) is None:
+            grads = [[p.grad for p in params] for params, *_ in lists]
+            if all(g is not None for gs in grads for g in gs) and not any(
+                    group["amsgrad"] or group["maximize"] or group["differentiable"] or
+                    group["decoupled_weight_decay"] or any(isinstance(v, torch.Tensor) for v in (group["lr"],
+                                                                                                 *group["betas"]))
+                    for group in self.param_groups):
+                for group, (params, exp_avgs, exp_avg_sqs, steps), gs in zip(self.param_groups, lists, grads,
+                                                                            strict=True):
+                    beta1, beta2 = group["betas"]
+                    torch._foreach_add_(steps, 1)
+                    torch._fused_adam_(params, gs, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                                       lr=group["lr"], beta1=beta1, beta2=beta2,
+                                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                                       grad_scale=None, found_inf=None)
+                return None
+        loss = super().step(closure)
+        self._lists = self._build()
+        return loss
+
+
 def adam(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
     """Adam with its update in one fused kernel over all parameters where torch has one for them (CPU, CUDA, MPS:
-    floating-point parameters), else in one multi-tensor (``foreach``) pass. The same update as the per-tensor loop
-    (``adam-loop``), rounded differently in the last bits: on the MNIST VAE's 688k parameters at one CPU thread the
-    loop takes 1.2 ms a step, the fused kernel 0.4 ms."""
+    floating-point parameters; :class:`FusedAdam`), else in one multi-tensor (``foreach``) pass. The same update as
+    the per-tensor loop (``adam-loop``), rounded differently in the last bits: on the MNIST VAE's 688k parameters at
+    one CPU thread the loop takes 1.2 ms a step, the fused kernel 0.4 ms."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
+        return FusedAdam(params, **kwargs)
     except RuntimeError:  # parameters fused Adam does not take: the multi-tensor loop does
         return torch.optim.Adam(params, foreach=True, **kwargs)
 
@@ -126,8 +186,9 @@ STEPS = ("auto", "traced", "compiled", "eager")
 TRACE_MIN_STEPS = 100
 #: ``step="auto"`` also compiles the traced graph (``torch.compile``, Inductor) when the fit plans at least this many
 #: steps: compiling takes about 20 s per minibatch shape in a fresh process at one thread (3 s with Inductor's
-#: on-disk cache warm) and makes the MNIST VAE's step 0.85 ms (11%) faster, so it pays from about 22,000 steps
-COMPILE_MIN_STEPS = 25_000
+#: on-disk cache warm) and makes the MNIST VAE's step 0-0.3 ms (0-4%) faster than the simplified traced graph
+#: (pyro_lvm.graphs), so it pays from about 70,000 steps at best: 200 epochs of MNIST's minibatches of 100
+COMPILE_MIN_STEPS = 100_000
 
 
 @dataclass

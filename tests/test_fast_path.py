@@ -6,6 +6,7 @@ per-tensor loop): the same loss and gradients on a fixed draw, the same paramete
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -24,7 +25,7 @@ from pyro_lvm.models import VAE, FactorAnalysis, FactorAnalysisConfig, VAEConfig
 from pyro_lvm.objectives import TracedLoss, TraceUnsupported
 from pyro_lvm.plan import SVIPlan, clip_grad_norm
 from pyro_lvm.runtime import local_params, seeded
-from pyro_lvm.train import ELBOS, OPTIMIZERS, AnnealLatents
+from pyro_lvm.train import ELBOS, OPTIMIZERS, AnnealLatents, FusedAdam
 
 N = 48
 
@@ -98,8 +99,8 @@ def test_tracing_draws_what_pyro_draws_and_leaves_the_stream_where_pyro_does() -
 
 
 def _fit_params(model: Any, guide: Any, x: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
-    fr = fit(model, guide, x, x[:16], TrainConfig(epochs=3, batch_size=16, quiet=True, seed=0, restore_best=False,
-                                                  **kw))
+    fr = fit(model, guide, x, x[:16], TrainConfig(**{"epochs": 3, "batch_size": 16, "quiet": True, "seed": 0,
+                                                     "restore_best": False, **kw}))
     flat = torch.cat([p.detach().flatten() for p in [*model.parameters(), *guide.parameters()]])
     return flat, fr
 
@@ -119,6 +120,24 @@ def test_default_fit_trains_the_same_parameters_as_eager_trace_elbo_with_per_ten
     # the traced step alone (the same optimiser) gives the very same parameters: its gradients are Pyro's
     same, _ = _fit_params(*_vae(), x, step="traced", optimizer="adam-loop")
     assert torch.equal(same, slow)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("guide_name", ["exact", "amortized-fullcov", "iaf:2"])
+def test_traced_factor_analysis_steps_train_the_parameters_pyros_step_does(guide_name: str) -> None:
+    # the factor model's graphs are the ones pyro_lvm.graphs shortens most (Cholesky factors, a standard normal
+    # prior's constants, several particles): the simplified graph's gradients are still Pyro's, step after step
+    x, _ = make_factor_analysis_data(40, 6, 2, seed=0)
+
+    def run(step: str) -> tuple[torch.Tensor, Any]:
+        with seeded(0):
+            model = FactorAnalysis(FactorAnalysisConfig(6, 2))
+            guide = build_guide(guide_name, model)
+        return _fit_params(model, guide, x, step=step, optimizer="adam-loop", num_particles=4, batch_size=None)
+
+    (traced, fr), (eager, _) = run("traced"), run("eager")
+    assert fr.step == "traced" and fr.steps == 3
+    torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.usefixtures("float64")
@@ -299,8 +318,49 @@ def test_explicit_traced_step_is_refused_where_it_cannot_apply() -> None:
 def test_default_adam_is_the_fused_kernel_and_adam_loop_the_per_tensor_loop() -> None:
     p = [torch.nn.Parameter(torch.randn(3))]
     assert OPTIMIZERS["adam"](p, lr=1e-3).defaults["fused"] is True
+    assert isinstance(OPTIMIZERS["adam"](p, lr=1e-3), FusedAdam)
     loop = OPTIMIZERS["adam-loop"](p, lr=1e-3).defaults
     assert loop["foreach"] is False and not loop["fused"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adams_short_step_updates_as_torchs_fused_adam_to_the_bit(dtype: torch.dtype) -> None:
+    # a learning-rate schedule, weight decay, a parameter left without a gradient for a step, a fresh optimiser
+    # from a state dict (as a resumed fit builds it) and an earlier state loaded into the running one: every step is
+    # torch's Adam(fused=True)'s, to the last bit
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (3,), (5, 2)]
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(8)]
+    grads[3][1] = None
+
+    def run(make: Any, reload_at: int | None = None) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make(params)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)
+        for i, step in enumerate(grads):
+            if i == 2:
+                early = copy.deepcopy(opt.state_dict())
+            if i == 6:
+                opt.load_state_dict(early)
+            if i == reload_at:
+                state = opt.state_dict()
+                opt = make(params)
+                opt.load_state_dict(state)
+                sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.7, last_epoch=i - 1)
+            for p, gr in zip(params, step, strict=True):
+                p.grad = None if gr is None else gr.clone()
+            opt.step()
+            sched.step()
+        return [p.detach() for p in params]
+
+    want = run(lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.01, fused=True))
+    short = FusedAdam([torch.nn.Parameter(t) for t in init], lr=0.1)
+    short.step()  # no gradients: nothing to do, no state, and no lists
+    assert short._lists is None
+    for got in (run(lambda ps: FusedAdam(ps, lr=0.1, weight_decay=0.01)),
+                run(lambda ps: FusedAdam(ps, lr=0.1, weight_decay=0.01), reload_at=5)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])

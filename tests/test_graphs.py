@@ -1,0 +1,153 @@
+"""Traced graphs made cheaper to replay (``pyro_lvm.graphs``): what ``simplify`` removes and folds, and that the
+graph then computes what it computed before, to the bit, with its outputs fresh memory as before.
+
+One property test runs every case through make_fx, ``simplify`` and ``replay`` and compares with the graph as
+traced on the same random state; the cases hold what the library's graphs hold (forward and backward of a small
+network, a standard normal prior's log density, a seed gradient made by ``ones_like``, a random draw into
+``empty``, view chains, an in-place write)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from pyro_lvm.graphs import replay, simplify
+
+Case = tuple[Callable[..., list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _mlp_loss_and_grads(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+    """A joint graph as TracedLoss traces one: loss and gradients of a reparameterised Gaussian ELBO term."""
+    w1, b1, w2 = (t.detach().requires_grad_() for t in (w1, b1, w2))
+    with torch.enable_grad():
+        h = torch.relu(x @ w1.t() + b1)
+        loc = h @ w2.t()
+        z = loc + torch.randn_like(loc)
+        prior = torch.distributions.Normal(torch.zeros(()), torch.ones(()), validate_args=False).log_prob(z).sum(-1)
+        loss = -(prior * 1.0).sum() / 1 + 0.0
+        grads = torch.autograd.grad(loss, [w1, b1, w2])
+    return [loss.detach(), *grads]
+
+
+def _chains(x: torch.Tensor) -> list[torch.Tensor]:
+    y = x * 2
+    a = y.t().t().expand(4, 3).view(4, 3)  # all the way back to y's layout
+    b = -(-(y + 0) * 1) / 1 ** 1.0
+    return [a + b, y.t()]
+
+
+def _in_place(x: torch.Tensor) -> list[torch.Tensor]:
+    y = x.clone()
+    z = y * 1  # a copy: must not become y, which is written to next
+    y.add_(1.0)
+    return [(z + 1).view(3), y]  # the view to the shape z + 1 has: dropped
+
+
+def _constants(x: torch.Tensor) -> list[torch.Tensor]:
+    scale = torch.ones(()).expand(3)
+    c = (scale ** 2 * 2).log()  # arithmetic on constants: folded
+    seed = torch.ones_like(x.sum()) / 7  # depends on x's shape only: folded
+    return [x * c + seed, torch.ones(3) * 1]  # the second output: constant, yet fresh memory at every call
+
+
+def _duplicates(x: torch.Tensor) -> list[torch.Tensor]:
+    a, b = (x * 2).exp(), (x * 2).exp()  # computed twice: once
+    c, d = x * 0.0, x * -0.0  # equal as numbers, not as bits: both stay (their reciprocals differ in sign)
+    y = x.clone()
+    v = y.view(5)
+    e = v * 3
+    y.add_(1.0)
+    f = v * 3  # the very expression of e, but read after a write to v's memory: stays
+    return [a + b, c.reciprocal(), d.reciprocal(), e - f]
+
+
+CASES: dict[str, Case] = {
+    "duplicates": (_duplicates, [torch.randn(5)]),
+    "mlp_joint": (_mlp_loss_and_grads, [torch.randn(5, 4), torch.randn(5), torch.randn(3, 5), torch.randn(6, 4)]),
+    "view_chains": (_chains, [torch.randn(4, 3)]),
+    "in_place": (_in_place, [torch.randn(3)]),
+    "constants": (_constants, [torch.randn(2, 3)]),
+}
+
+
+def _calls(gm: torch.fx.GraphModule) -> int:
+    return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(CASES))
+def test_simplified_graph_and_its_replay_compute_what_the_traced_graph_did_to_the_bit(
+        name: str, dtype: torch.dtype) -> None:
+    fn, inputs = CASES[name]
+    inputs = [t.to(dtype) for t in inputs]
+    traced = make_fx(fn, tracing_mode="fake")(*inputs)
+    traced.graph._codegen = torch.fx.graph.CodeGen()  # positional, as TracedLoss has it
+    traced.recompile()
+    before = copy.deepcopy(traced)
+    simplified = simplify(traced)
+    fast = replay(simplified)
+    assert _calls(simplified) < _calls(before)  # every case has something to drop or fold
+    for _ in range(2):  # constants folded once serve every call
+        state = torch.get_rng_state()
+        want = before(*[t.clone() for t in inputs])
+        for run in (simplified, fast):
+            torch.set_rng_state(state)
+            args = [t.clone() for t in inputs]
+            got = run(*args)
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
+                assert torch.equal(g, w)
+            # no output is an input's memory or a constant's: callers write to what they get (gradient clipping)
+            held = {t.untyped_storage().data_ptr() for t in [*args, *simplified.buffers()]}
+            assert not any(g.untyped_storage().data_ptr() in held for g in got)
+    # the draws come from torch's generator as the traced graph's do: same state, same numbers (checked above), and
+    # the stream moves on: two calls in a row differ where the case draws
+    if name == "mlp_joint":
+        first, second = fast(*inputs), fast(*inputs)
+        assert not torch.equal(first[0], second[0])
+
+
+def test_what_simplify_removes_and_what_it_keeps() -> None:
+    x = torch.randn(4, 3)
+    gm = simplify(make_fx(_chains, tracing_mode="fake")(x))
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    # y = x * 2; y.t() is an output; a + b is what remains of the chains: -(-(y)) is y, +0, *1, /1, **1 are y
+    assert ops.count("aten.t.default") == 1 and "aten.neg.default" not in ops and "aten.expand.default" not in ops
+    assert ops.count("aten.mul.Tensor") == 1 and ops.count("aten.add.Tensor") == 1
+    # in place: the copy that is written to keeps its own multiply
+    gm = simplify(make_fx(_in_place, tracing_mode="fake")(torch.randn(3)))
+    assert "aten.mul.Tensor" in [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    # constants: the log of the prior's scale and the seed gradient are buffers now, the draw-free ones() output is
+    # still computed (an output is never a constant)
+    gm = simplify(make_fx(_constants, tracing_mode="fake")(torch.randn(2, 3)))
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "aten.log.default" not in ops and "aten.ones_like.default" not in ops and "aten.pow.Tensor_Scalar" not in ops
+    assert any(n.op == "get_attr" and n.target.startswith("_folded") for n in gm.graph.nodes)
+
+
+def test_an_expression_computed_twice_is_computed_once_unless_its_input_was_written_between() -> None:
+    gm = simplify(make_fx(_duplicates, tracing_mode="fake")(torch.randn(5)))
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count("aten.exp.default") == 1
+    assert ops.count("aten.mul.Tensor") == 5  # x * 2 once, x * 0.0, x * -0.0, y * 3 before and after the write
+
+
+def test_replay_releases_each_intermediate_after_its_last_use() -> None:
+    gm = simplify(make_fx(lambda x: [((x * 2).exp() + 1).sum()], tracing_mode="fake")(torch.randn(3)))
+    src = replay(gm).source
+    assert src.count("del ") >= 2  # the input and each intermediate, as soon as the next operation has read them
+    assert "torch.ops" not in src  # operators are called through their bound dispatcher entries
+
+
+def test_a_detach_stays_where_autograd_differentiates_the_replay() -> None:
+    # TracedLoss's loss-only graphs are differentiated by autograd on replay: a detach there is no identity
+    x = torch.randn(3)
+    fast = replay(simplify(make_fx(lambda x: [(x.detach() * x).sum()], tracing_mode="fake")(x)))
+    xr = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fast(xr)[0], xr)
+    assert torch.equal(grad, x)  # d/dx of stop(x) * x, not of x * x
