@@ -10,11 +10,11 @@ log p(x|z) + log p(z) − log q(z|x) at z = μ + σ ε, and the same per-step wo
 
 * ``plain_pytorch`` -- the ELBO written out by hand with the very modules of the Pyro model and guide, per-tensor Adam:
   the reference;
-* ``fit_default`` -- ``fit`` as a user calls it for a fit under ``COMPILE_MIN_STEPS`` (25,000) steps:
-  ``Trace_ELBO``'s loss and gradients traced once into one graph and replayed (``step="auto"``), Adam's fused kernel,
-  Lightning's loop;
-* ``fit_compiled`` -- ``fit`` as a user calls it for a longer fit (50 epochs of MNIST or more): the same graph also
-  compiled by ``torch.compile`` (Inductor), which ``step="auto"`` does from 25,000 planned steps (asked for here by
+* ``fit_default`` -- ``fit`` as a user calls it for a fit under ``COMPILE_MIN_STEPS`` (100,000) steps:
+  ``Trace_ELBO``'s loss and gradients traced once into one graph, shortened (``pyro_lvm.graphs``) and replayed
+  (``step="auto"``), Adam's fused kernel, Lightning's loop;
+* ``fit_compiled`` -- ``fit`` as a user calls it for a longer fit (200 epochs of MNIST or more): the same graph also
+  compiled by ``torch.compile`` (Inductor), which ``step="auto"`` does from 100,000 planned steps (asked for here by
   ``step="compiled"``, as the benchmark's fits are short; its compile time, about 20 s cold, is not in the step's);
 * ``fit_eager_loop`` -- ``fit`` as it was by default before: Pyro's ``Trace_ELBO`` every step and Adam's per-tensor
   loop (``step="eager", optimizer="adam-loop"``);

@@ -39,8 +39,8 @@ from .evaluate import EvalConfig
 from .objectives import OBJECTIVES, objective_problem, parse_objective
 from .saving import read_checkpoint
 
-__all__ = ["ELBOS", "OPTIMIZERS", "STEPS", "AnnealLatents", "FitResult", "TrainConfig", "TrainingError", "check_elbo",
-           "data_checked", "fit", "load_checkpoint", "resolve_elbo"]
+__all__ = ["ELBOS", "OPTIMIZERS", "STEPS", "AnnealLatents", "FitResult", "FusedAdam", "TrainConfig", "TrainingError",
+           "check_elbo", "data_checked", "fit", "load_checkpoint", "resolve_elbo"]
 
 #: where a fit says, once, why its steps run eagerly where the traced step would not apply
 STEP_LOG = logging.getLogger("pyro_lvm.train")
