@@ -60,21 +60,35 @@ def _source(node: Node) -> Node | None:
     return a if isinstance(a, Node) else None
 
 
+def _written(node: Node) -> Node | None:
+    """The argument an in-place or ``out=`` operation writes to and returns (``add_``'s ``self``), else ``None``."""
+    s = _schema(node)
+    if s is None or not s.is_mutable:
+        return None
+    for i, a in enumerate(s.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(v, Node):
+                return v
+    return None
+
+
 def _root(node: Node) -> Node:
-    """The node that owns the memory ``node``'s value lives in (itself, unless it is a view)."""
-    while _is_view(node):
-        src = _source(node)
+    """The node that owns the memory ``node``'s value lives in: itself, unless it is a view, or the result of an
+    in-place or ``out=`` operation (which is the tensor it wrote to)."""
+    while True:
+        src = _source(node) if _is_view(node) else _written(node)
         if src is None:
-            break
+            return node
         node = src
-    return node
 
 
 def _layout(node: Node) -> tuple[Any, ...] | None:
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):
         return None
-    return tuple(v.shape), v.dtype, v.device, v.stride(), v.storage_offset()
+    # the conjugate and negative bits: a lazy conj() or _neg_view() has the layout of its input, not its values
+    return tuple(v.shape), v.dtype, v.device, v.stride(), v.storage_offset(), v.is_conj(), v.is_neg()
 
 
 def _mutated_roots(graph: torch.fx.Graph) -> set[Node]:
@@ -89,6 +103,7 @@ def _mutated_roots(graph: torch.fx.Graph) -> set[Node]:
                 v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
                 if isinstance(v, Node):
                     out.add(_root(v))
+        out.add(_root(node))
     return out
 
 
@@ -110,8 +125,9 @@ def _identity_of(node: Node, mutated: set[Node]) -> Node | None:
             cand = args[0]
     elif node.target is aten.neg.default and isinstance(args[0], Node) and args[0].target is aten.neg.default:
         cand = args[0].args[0]
-    # a copy replaced by its original: only where nothing writes to the original afterwards
-    if isinstance(cand, Node) and _layout(cand) == lay and _root(cand) not in mutated:
+    # a copy replaced by its original: only where nothing writes to either (a write to the copy would reach the
+    # original, an input perhaps; a write to the original would reach the copy's readers)
+    if isinstance(cand, Node) and _layout(cand) == lay and _root(cand) not in mutated and _root(node) not in mutated:
         return cand
     return None
 
@@ -137,7 +153,7 @@ def _pure(node: Node, mutated: set[Node]) -> bool:
         if s is None or s.is_mutable or s.name.startswith(("aten::empty", "aten::new_empty")) or \
                 torch.Tag.nondeterministic_seeded in node.target.tags:
             return False
-    return not any(_root(i) in mutated for i in node.all_input_nodes)
+    return _root(node) not in mutated and not any(_root(i) in mutated for i in node.all_input_nodes)
 
 
 def _common_subexpressions(graph: torch.fx.Graph, mutated: set[Node], pinned: set[Node]) -> None:
@@ -171,6 +187,9 @@ def _constant_nodes(graph: torch.fx.Graph, mutated: set[Node], pinned: set[Node]
             continue
         if not isinstance(node.meta.get("val"), torch.Tensor):
             continue
+        if not node.all_input_nodes and any(a.name == "dtype" for a in s.arguments) and \
+                node.kwargs.get("dtype") is None:
+            continue  # a factory of the default dtype at each call (ones(3)): folding would fix today's
         inputs = node.all_input_nodes[1:] if node.target in LIKE else node.all_input_nodes
         if all(i in const for i in inputs):
             const.add(node)
@@ -181,12 +200,40 @@ def _attr(gm: GraphModule, target: str) -> Any:
     return functools.reduce(getattr, target.split("."), gm)
 
 
+def _static(graph: torch.fx.Graph) -> bool:
+    """Whether every value of the graph has a static shape: a data-dependent one (``nonzero``'s, say: ``make_fx``
+    gives it an unbacked symbol) cannot be compared, so such a graph is left as traced."""
+    def static(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return all(static(x) for x in v)
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return False
+        if isinstance(v, torch.Tensor):
+            return all(type(d) is int for d in (*v.shape, *v.stride(), v.storage_offset()))
+        return True
+
+    return all(n.op in ("placeholder", "get_attr", "call_function", "output") and static(n.meta.get("val"))
+               for n in graph.nodes)
+
+
 def simplify(gm: GraphModule) -> GraphModule:
-    """``gm`` with identities removed and constants folded, in place (see the module's docstring); its outputs are
-    unchanged values and keep their aliasing."""
+    """A copy of ``gm`` with identities removed, repeated expressions merged and constants folded (see the module's
+    docstring), whose outputs are the same values with the same aliasing; ``gm`` itself where its graph holds what
+    these rules do not reason about (a module or method call, a data-dependent shape) or where they fail."""
+    if not _static(gm.graph):
+        return gm
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    graph.output(graph.graph_copy(gm.graph, {}))
+    new = GraphModule(gm, graph)
+    try:
+        return _simplify(new)
+    except Exception:  # noqa: BLE001 - an optimisation: where it cannot reason, the graph runs as traced
+        return gm
+
+
+def _simplify(gm: GraphModule) -> GraphModule:
     graph = gm.graph
-    if any(n.op not in ("placeholder", "get_attr", "call_function", "output") for n in graph.nodes):
-        return gm  # a module or method call: nothing here reasons about those
     mutated = _mutated_roots(graph)
     out = next(n for n in graph.nodes if n.op == "output")
     # nodes an output is (or is a view of): each must stay the memory it was, so none is forwarded or folded
@@ -194,6 +241,8 @@ def simplify(gm: GraphModule) -> GraphModule:
     for v in out.all_input_nodes:
         while True:
             pinned.add(v)
+            if v.target is operator.getitem and isinstance(v.args[0], Node):
+                pinned.add(v.args[0])  # the operation whose outputs it picks (max's values): not merged either
             src = _source(v) if _is_view(v) else None
             if src is None:
                 break

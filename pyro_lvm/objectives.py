@@ -376,7 +376,8 @@ class TracedLoss:
         # a step for the MNIST VAE's 30 tensors): the callers pass the flat list themselves, and the graph returns
         # its flat list of outputs ([loss], or [loss, *gradients])
         graph.graph._codegen = torch.fx.graph.CodeGen()
-        simplify(graph)  # identities dropped, constants folded (pyro_lvm.graphs): fewer operations to replay
+        graph.recompile()
+        graph = simplify(graph)  # identities dropped, constants folded (pyro_lvm.graphs): fewer operations to replay
         tensors = [leaves[i] for i in where]
         first = functools.partial(self._first_run, state=state, tensors=tensors, args=args, kwargs=kwargs, rng=rng,
                                   key=key if joint else None)

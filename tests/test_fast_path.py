@@ -17,7 +17,7 @@ import torch
 from conftest import binary_data
 
 import pyro_lvm.train as train_module
-from pyro_lvm import TrainConfig, build_guide, fit
+from pyro_lvm import TrainConfig, build_guide, build_model, fit
 from pyro_lvm.data import make_factor_analysis_data
 from pyro_lvm.evaluate import EvalConfig
 from pyro_lvm.guides import GuideConfig
@@ -137,6 +137,24 @@ def test_traced_factor_analysis_steps_train_the_parameters_pyros_step_does(guide
 
     (traced, fr), (eager, _) = run("traced"), run("eager")
     assert fr.step == "traced" and fr.steps == 3
+    torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_graph_with_a_data_dependent_shape_trains_traced_as_traced() -> None:
+    # the Gaussian mixture's graph holds a shape known only from the data (make_fx's unbacked symbol): it is
+    # replayed as traced, unshortened, and trains what Pyro's step trains
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20, 4, generator=g) + 3, torch.randn(20, 4, generator=g) - 3]).double()
+
+    def run(step: str) -> tuple[torch.Tensor, Any]:
+        with seeded(0):
+            model = build_model("gaussian_mixture", data_dim=4)
+            guide = build_guide("meanfield", model)  # its global q's graph holds the data-dependent shape
+        return _fit_params(model, guide, x, step=step, batch_size=None)
+
+    (traced, fr), (eager, _) = run("traced"), run("eager")
+    assert fr.step == "traced" and not fr.step_note
     torch.testing.assert_close(traced, eager, rtol=1e-12, atol=1e-13)
 
 
