@@ -60,24 +60,26 @@ def _source(node: Node) -> Node | None:
     return a if isinstance(a, Node) else None
 
 
-def _written(node: Node) -> Node | None:
-    """The argument an in-place or ``out=`` operation writes to and returns (``add_``'s ``self``), else ``None``."""
+def _written(node: Node) -> list[Node]:
+    """The arguments an in-place or ``out=`` operation writes to (``add_``'s ``self``; the first is what it
+    returns), else none."""
     s = _schema(node)
     if s is None or not s.is_mutable:
-        return None
+        return []
+    out = []
     for i, a in enumerate(s.arguments):
         if a.alias_info is not None and a.alias_info.is_write:
             v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
             if isinstance(v, Node):
-                return v
-    return None
+                out.append(v)
+    return out
 
 
 def _root(node: Node) -> Node:
     """The node that owns the memory ``node``'s value lives in: itself, unless it is a view, or the result of an
     in-place or ``out=`` operation (which is the tensor it wrote to)."""
     while True:
-        src = _source(node) if _is_view(node) else _written(node)
+        src = _source(node) if _is_view(node) else next(iter(_written(node)), None)
         if src is None:
             return node
         node = src
@@ -93,18 +95,7 @@ def _layout(node: Node) -> tuple[Any, ...] | None:
 
 def _mutated_roots(graph: torch.fx.Graph) -> set[Node]:
     """The roots of every value an in-place operation of the graph writes to."""
-    out = set()
-    for node in graph.nodes:
-        s = _schema(node)
-        if s is None or not s.is_mutable:
-            continue
-        for i, a in enumerate(s.arguments):
-            if a.alias_info is not None and a.alias_info.is_write:
-                v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
-                if isinstance(v, Node):
-                    out.add(_root(v))
-        out.add(_root(node))
-    return out
+    return {_root(v) for node in graph.nodes for v in _written(node)}
 
 
 def _identity_of(node: Node, mutated: set[Node]) -> Node | None:
@@ -143,16 +134,19 @@ def _key(a: Any) -> Any:
     return type(a).__name__, a
 
 
+def _deterministic(node: Node) -> bool:
+    """An ATen operation whose output is a function of its inputs: it writes nothing, draws nothing, and does not
+    hand back uninitialised memory (``empty``)."""
+    s = _schema(node)
+    return s is not None and not s.is_mutable and not s.name.startswith(("aten::empty", "aten::new_empty")) and \
+        torch.Tag.nondeterministic_seeded not in node.target.tags
+
+
 def _pure(node: Node, mutated: set[Node]) -> bool:
-    """Whether ``node`` gives the same value wherever it stands, given the same inputs: deterministic, writes
-    nothing, and reads nothing an in-place operation writes to."""
-    if node.op != "call_function":
+    """Whether ``node`` gives the same value wherever it stands, given the same inputs: deterministic (or an item of
+    a multi-output operation), written to by nothing, and reads nothing an in-place operation writes to."""
+    if node.op != "call_function" or not (node.target is operator.getitem or _deterministic(node)):
         return False
-    if node.target is not operator.getitem:
-        s = _schema(node)
-        if s is None or s.is_mutable or s.name.startswith(("aten::empty", "aten::new_empty")) or \
-                torch.Tag.nondeterministic_seeded in node.target.tags:
-            return False
     return _root(node) not in mutated and not any(_root(i) in mutated for i in node.all_input_nodes)
 
 
@@ -181,13 +175,10 @@ def _constant_nodes(graph: torch.fx.Graph, mutated: set[Node], pinned: set[Node]
             if node not in mutated:
                 const.add(node)
             continue
-        s = _schema(node)
-        if s is None or node in pinned or _root(node) in mutated or s.is_mutable or s.name.startswith(
-                ("aten::empty", "aten::new_empty")) or torch.Tag.nondeterministic_seeded in node.target.tags:
+        if node in pinned or not _deterministic(node) or _root(node) in mutated or \
+                not isinstance(node.meta.get("val"), torch.Tensor):
             continue
-        if not isinstance(node.meta.get("val"), torch.Tensor):
-            continue
-        if not node.all_input_nodes and any(a.name == "dtype" for a in s.arguments) and \
+        if not node.all_input_nodes and any(a.name == "dtype" for a in _schema(node).arguments) and \
                 node.kwargs.get("dtype") is None:
             continue  # a factory of the default dtype at each call (ones(3)): folding would fix today's
         inputs = node.all_input_nodes[1:] if node.target in LIKE else node.all_input_nodes

@@ -116,7 +116,7 @@ class FusedAdam(torch.optim.Adam):
     def _build(self) -> list[tuple[list[torch.Tensor], ...]] | None:
         lists = []
         for group in self.param_groups:
-            params = [p for p in group["params"]]
+            params = list(group["params"])
             states = [self.state.get(p) for p in params]
             if not params or any(not s for s in states) or len({(p.device, p.dtype) for p in params}) > 1:
                 return None
