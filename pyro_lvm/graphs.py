@@ -10,10 +10,14 @@ standard normal prior's ``log 1`` and ``2 σ²``, the seed gradient ``1 / N``) r
 
 :func:`simplify` drops the first kind and computes the second once, and every operation that remains runs the same
 kernel on operands of the same shape, dtype and strides as before: the numbers are the traced graph's, bit for bit
-(but for the sign of a zero where ``x + 0`` is dropped). It leaves alone what could change what a caller sees:
-an output never becomes a view of an input or a constant, or of another output (the optimiser scales gradients in
-place), and no value is folded or forwarded past an in-place write to it (the random draws'
-``normal_(empty(...))``). :func:`replay` then writes the graph as one Python function whose calls go to each
+(but for the sign of a zero where ``x + 0`` is dropped). One rule changes shapes but not bits: a pointwise
+operation on broadcast copies (``expand``) of smaller tensors -- a Normal's scale of one value per feature expanded
+to particles × points × features, its ``log`` and its ``2 σ²`` -- runs once on the smaller tensors and is broadcast
+after, where every element is one IEEE operation (``EXACT``) or the smaller tensor is one row of the copy
+(``UNARY``), and where what reads the result reads it through such an operation. It leaves alone what could
+change what a caller sees: an output never becomes a view of an input or a constant, or of another output (the
+optimiser scales gradients in place), and no value is folded or forwarded past an in-place write to it (the random
+draws' ``normal_(empty(...))``). :func:`replay` then writes the graph as one Python function whose calls go to each
 operator's dispatcher entry (``OpOverload._op``) rather than through ``torch.ops.aten.<name>.<overload>``'s
 attribute lookups and ``__call__``: about 0.6 µs less per operation.
 """
@@ -36,6 +40,17 @@ RIGHT_ZERO = {aten.add.Tensor, aten.sub.Tensor}
 RIGHT_ONE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar}
 #: ``op(x, ...)`` whose value depends only on ``x``'s shape, dtype, strides and device, not its values
 LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
+#: pointwise operations each of whose elements is one correctly rounded IEEE operation on the same elements (or a
+#: copy), whether the kernel takes its vector loop or its scalar one: the same bits on a broadcast view (stride 0)
+#: as on the tensor it stands for, and on the smaller tensor as on its broadcast copy
+EXACT = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+         aten.neg.default, aten.sqrt.default, aten.reciprocal.default}
+#: ``pow(x, c)`` is exact for these ``c`` (ATen computes a copy, x·x, x·x·x, √x and 1/x in both loops)
+EXACT_POWERS = (1, 2, 3, 0.5, -1)
+#: functions of one tensor that the vector and scalar loops may round differently (SLEEF against libm): run on the
+#: smaller tensor only where it is one row of its broadcast copy, so that the kernel splits each row as before
+UNARY = {aten.log.default, aten.exp.default, aten.log1p.default, aten.expm1.default, aten.sigmoid.default,
+         aten.tanh.default, aten.softplus.default}
 
 
 def _schema(node: Node) -> Any:
@@ -213,17 +228,28 @@ def simplify(gm: GraphModule) -> GraphModule:
     these rules do not reason about (a module or method call, a data-dependent shape) or where they fail."""
     if not _static(gm.graph):
         return gm
-    graph = torch.fx.Graph()
-    graph._codegen = gm.graph._codegen
-    graph.output(graph.graph_copy(gm.graph, {}))
-    new = GraphModule(gm, graph)
     try:
-        return _simplify(new)
+        gm, constants = _simplify(_copy(gm)[0])
     except Exception:  # noqa: BLE001 - an optimisation: where it cannot reason, the graph runs as traced
+        return gm
+    try:  # the one rule that changes shapes, on a copy: where it cannot reason, the graph runs as simplified so far
+        small, nodes = _copy(gm)
+        return _run_small(small, {nodes[n]: v for n, v in constants.items() if n in nodes and n.users})
+    except Exception:  # noqa: BLE001
         return gm
 
 
-def _simplify(gm: GraphModule) -> GraphModule:
+def _copy(gm: GraphModule) -> tuple[GraphModule, dict[Node, Node]]:
+    """A copy of ``gm`` (its graph copied, its constants shared), and which node of the copy is which of ``gm``."""
+    graph = torch.fx.Graph()
+    graph._codegen = gm.graph._codegen
+    nodes: dict[Node, Node] = {}
+    graph.output(graph.graph_copy(gm.graph, nodes))
+    return GraphModule(gm, graph), nodes
+
+
+def _simplify(gm: GraphModule) -> tuple[GraphModule, dict[Node, torch.Tensor]]:
+    """``gm`` simplified in place, and its folded constants (their nodes and values)."""
     graph = gm.graph
     mutated = _mutated_roots(graph)
     out = next(n for n in graph.nodes if n.op == "output")
@@ -248,6 +274,7 @@ def _simplify(gm: GraphModule) -> GraphModule:
     graph.eliminate_dead_code()
     const = _constant_nodes(graph, mutated, pinned)
     values: dict[Node, Any] = {}
+    compacts: dict[Node, torch.Tensor] = {}  # the folded constants, which _run_small may hold smaller
     folded = 0
     for node in list(graph.nodes):
         if node not in const:
@@ -273,7 +300,126 @@ def _simplify(gm: GraphModule) -> GraphModule:
         const.add(new)
         values[new] = values[node]
         node.replace_all_uses_with(new)
+        compacts[new] = values[node]
     graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm, compacts
+
+
+def _exact(node: Node) -> bool:
+    """Whether ``node`` is one of the ``EXACT`` operations (``pow`` with an ``EXACT_POWERS`` exponent; ``add`` and
+    ``sub`` without a scale ``alpha``: with one, the vector loop fuses a multiply-add that the scalar loop need not)."""
+    if node.op != "call_function":
+        return False
+    if node.target is aten.pow.Tensor_Scalar:
+        return len(node.args) == 2 and type(node.args[1]) in (int, float) and node.args[1] in EXACT_POWERS
+    return node.target in EXACT and node.kwargs.get("alpha", 1) == 1
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _smaller(value: torch.Tensor) -> torch.Tensor | None:
+    """The smallest tensor (``value``'s dimensions, some of its sizes cut to 1) whose broadcast copy is ``value``
+    bit for bit, where that is smaller than ``value``; else ``None``."""
+    if value.dim() == 0 or value.is_complex() or value.dtype == torch.bool or value.element_size() not in (2, 4, 8):
+        return None
+    bits = value.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[value.element_size()])
+    small = value
+    for d in range(value.dim()):
+        if value.shape[d] > 1 and (value.stride(d) == 0 or torch.equal(bits, bits.narrow(d, 0, 1).expand_as(bits))):
+            small, bits = small.narrow(d, 0, 1), bits.narrow(d, 0, 1)
+    return small.contiguous() if small.numel() < value.numel() else None
+
+
+def _unexpand(a: Any) -> Any:
+    """What an ``expand`` broadcasts (its input), for an argument that is one; the argument otherwise."""
+    return a.args[0] if isinstance(a, Node) and a.target is aten.expand.default else a
+
+
+def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphModule:
+    """``gm`` with its pointwise operations on broadcast copies run on the smaller tensors (see the module's
+    docstring), and its folded constants held as the smaller tensors they are copies of; ``gm`` unchanged where
+    there are none. Raises where the shapes and strides of what remains, propagated again, are not what they were
+    (``simplify`` then keeps the graph as traced)."""
+    graph = gm.graph
+    small: dict[Node, torch.Tensor | None] = {}  # node -> its smaller constant (folded), or None (an operation)
+    pinned = {n for n in graph.nodes if n.op == "output"}
+
+    def form(a: Node) -> bool:  # an argument the smaller operation can take in its place
+        v = _val(a)
+        return v is not None and (a.target is aten.expand.default or a in small or v.dim() == 0)
+
+    for node, value in constants.items():
+        c = _smaller(value)
+        if c is not None:
+            small[node] = c
+    for node in graph.nodes:
+        v = _val(node)
+        if node.op != "call_function" or v is None or node.users.keys() & pinned:
+            continue
+        args = node.all_input_nodes
+        if _exact(node):
+            ok = bool(args) and all(form(a) for a in args) and any(_val(a).dim() for a in args)
+        elif node.target in UNARY and len(args) == 1 and args[0] is node.args[0] and \
+                args[0].target is aten.expand.default:
+            b = _val(args[0].args[0])  # one contiguous row of the copy: the kernel splits each row as it did
+            ok = b is not None and b.dim() >= 1 and b.stride(-1) == 1 and b.numel() == b.shape[-1] == v.shape[-1]
+        else:
+            ok = False
+        if ok:
+            small[node] = None
+    changed = True
+    while changed:  # what reads a smaller result reads it through an exact operation; what needs one has it
+        changed = False
+        for node in list(small):
+            if not all(u in small or (_exact(u) and u not in pinned) for u in node.users) or \
+                    (small[node] is None and node.target not in UNARY and
+                     not all(form(a) for a in node.all_input_nodes)):
+                del small[node]
+                changed = True
+    if not small:
+        return gm
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = next((v.fake_mode for v in map(_val, graph.nodes) if isinstance(v, FakeTensor)), None)
+    if mode is None:  # a graph traced on real tensors: nothing to propagate shapes with
+        return gm
+    readers: set[Node] = set()
+    for i, node in enumerate([n for n in graph.nodes if n in small]):
+        v = _val(node)
+        held = small[node]
+        with graph.inserting_before(node):
+            if held is not None:  # a constant: the smaller tensor held, its copy a view of it
+                name = f"_small{i}"
+                gm.register_buffer(name, held, persistent=False)
+                inner = graph.get_attr(name)
+                inner.meta["val"] = mode.from_tensor(held)
+            else:
+                inner = graph.call_function(node.target, torch.fx.node.map_arg(node.args, _unexpand), node.kwargs)
+                shape = torch.broadcast_shapes(*(tuple(_val(_unexpand(a)).shape) for a in node.all_input_nodes))
+                inner.meta["val"] = v.new_empty(shape)
+            wide = graph.call_function(aten.expand.default, (inner, list(v.shape)))
+            wide.meta["val"] = inner.meta["val"].expand(v.shape)
+        node.replace_all_uses_with(wide)
+        graph.erase_node(node)
+        readers.update(wide.users)
+    graph.eliminate_dead_code()
+    # what reads a broadcast view where it read a whole tensor: its output's layout (on fake tensors, from the
+    # shapes and strides alone) must be what it was, or the strides of everything after it could differ
+    for node in readers:
+        if node._erased or node in small:
+            continue
+        args = torch.fx.node.map_arg((node.args, node.kwargs), _val)
+        with mode:
+            out = node.target(*args[0], **args[1])
+        lay = _layout(node)
+        node.meta["val"] = out
+        if _layout(node) != lay:
+            raise RuntimeError(f"running operations small changed the layout of {node.name}")
     graph.lint()
     gm.recompile()
     return gm

@@ -89,7 +89,23 @@ def _duplicates(x: torch.Tensor) -> list[torch.Tensor]:
     return [a + b, c.reciprocal(), d.reciprocal(), e - f]
 
 
+def _broadcasts(x: torch.Tensor, s: torch.Tensor) -> list[torch.Tensor]:
+    """A Normal log density whose scale, one per feature, is broadcast to particles × points × features (as Pyro's
+    ``broadcast_all`` does), and its gradient: the scale's log and 2σ² are computed once per feature."""
+    s = s.detach().requires_grad_()
+    with torch.enable_grad():
+        scale = (s.exp() + 1e-6).sqrt().expand(3, *x.shape)
+        lp = -((x - 0.5) ** 2) / (2 * scale ** 2) - scale.log() - 0.9189385332046727
+        seed = torch.ones((), dtype=x.dtype).expand(3, x.shape[0], 1) / 7  # a broadcast constant
+        loss = -(lp.sum(-1, keepdim=True) * seed).sum()
+        (grad,) = torch.autograd.grad(loss, [s])
+    column = x[:, :1].exp().expand(3, *x.shape)  # a column broadcast along rows: not one row of the copy
+    doubled = scale.detach() * 2  # read by a sum, which may add a broadcast view in another order: stays whole
+    return [loss.detach(), grad, (column.log() * 2).sum(), doubled.sum(), (doubled * x).sum(-1)]
+
+
 CASES: dict[str, Case] = {
+    "broadcasts": (_broadcasts, [torch.randn(6, 40), torch.randn(40)]),
     "duplicates": (_duplicates, [torch.randn(5)]),
     "mlp_joint": (_mlp_loss_and_grads, [torch.randn(5, 4), torch.randn(5), torch.randn(3, 5), torch.randn(6, 4)]),
     "view_chains": (_chains, [torch.randn(4, 3)]),
@@ -162,6 +178,43 @@ def test_what_simplify_removes_and_what_it_keeps() -> None:
     z = torch.randn(3, dtype=torch.complex64)
     fast = replay(simplify(make_fx(lambda z: [z.conj() * z], tracing_mode="fake")(z)))
     assert torch.equal(fast(z)[0], z.conj() * z)
+
+
+def test_pointwise_operations_on_a_broadcast_copy_run_on_the_smaller_tensor_where_no_bit_can_change() -> None:
+    x, s = CASES["broadcasts"][1]
+    gm = simplify(make_fx(_broadcasts, tracing_mode="fake")(x, s))
+    shapes = {str(n.target): [] for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        shapes[str(n.target)].append(tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else ())
+    # the scale's log runs on its row of 40; the column's log on the whole copy (a column is not one row: the
+    # kernel would split the smaller tensor into other vector and scalar parts than the rows of the copy)
+    assert (40,) in shapes["aten.log.default"] and (3, 6, 40) in shapes["aten.log.default"]
+    # 2σ² once per feature; the copy doubled for a sum stays whole (a reduction may add a broadcast view in
+    # another order)
+    assert (40,) in shapes["aten.pow.Tensor_Scalar"] and (3, 6, 40) in shapes["aten.mul.Tensor"]
+    # the broadcast constant is held as its one value
+    held = [b for name, b in gm.named_buffers() if name.startswith("_small")]
+    assert held and all(b.numel() < 3 * 6 for b in held)
+
+
+def test_the_broadcast_rule_failing_leaves_the_rest_of_the_simplification(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyro_lvm.graphs as graphs
+
+    x, s = CASES["broadcasts"][1]
+    traced = make_fx(_broadcasts, tracing_mode="fake")(x, s)
+
+    def fail(gm: torch.fx.GraphModule, constants: dict) -> torch.fx.GraphModule:
+        gm.graph.erase_node(next(n for n in gm.graph.nodes if n.op == "call_function" and not n.users))
+        raise RuntimeError("a layout changed")
+
+    monkeypatch.setattr(graphs, "_run_small", fail)
+    gm = simplify(traced)
+    assert gm is not traced and _calls(gm) < _calls(traced)
+    assert not any(name.startswith("_small") for name, _ in gm.named_buffers())
+    state = torch.get_rng_state()
+    want = traced(x, s)
+    torch.set_rng_state(state)
+    assert all(torch.equal(g, w) for g, w in zip(replay(gm)(x, s), want, strict=True))
 
 
 def test_an_expression_computed_twice_is_computed_once_unless_its_input_was_written_between() -> None:
