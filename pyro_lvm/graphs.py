@@ -40,17 +40,21 @@ RIGHT_ZERO = {aten.add.Tensor, aten.sub.Tensor}
 RIGHT_ONE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar}
 #: ``op(x, ...)`` whose value depends only on ``x``'s shape, dtype, strides and device, not its values
 LIKE = {aten.ones_like.default, aten.zeros_like.default, aten.full_like.default}
-#: pointwise operations each of whose elements is one correctly rounded IEEE operation on the same elements (or a
-#: copy), whether the kernel takes its vector loop or its scalar one: the same bits on a broadcast view (stride 0)
-#: as on the tensor it stands for, and on the smaller tensor as on its broadcast copy
+#: pointwise operations each of whose elements, in float32 and float64, is one correctly rounded IEEE operation on
+#: the same elements (or a copy), whether the kernel takes its vector loop or its scalar one: the same bits on a
+#: broadcast view (stride 0) as on the tensor it stands for, and on the smaller tensor as on its broadcast copy (not
+#: so for complex numbers, whose products the two loops round differently)
 EXACT = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
          aten.neg.default, aten.sqrt.default, aten.reciprocal.default}
-#: ``pow(x, c)`` is exact for these ``c`` (ATen computes a copy, x·x, x·x·x, √x and 1/x in both loops)
+#: ``pow(x, c)`` is exact for these ``c`` (ATen computes a copy, x·x, x·x·x, √x and 1/x in both loops, real dtypes)
 EXACT_POWERS = (1, 2, 3, 0.5, -1)
-#: functions of one tensor that the vector and scalar loops may round differently (SLEEF against libm): run on the
-#: smaller tensor only where it is one row of its broadcast copy, so that the kernel splits each row as before
-UNARY = {aten.log.default, aten.exp.default, aten.log1p.default, aten.expm1.default, aten.sigmoid.default,
-         aten.tanh.default, aten.softplus.default}
+#: transcendental functions of one tensor that ATen computes with one vector function for every element, a row's
+#: tail included (its ``vml`` kernels): run on the smaller tensor where that is one row (of two or more elements,
+#: in the output's dtype) of the broadcast copy. Not ``sigmoid`` or ``softplus``, whose vector and scalar loops
+#: round differently: where a thread's share or a row ends moves an element from one loop to the other
+UNARY = {aten.log.default, aten.exp.default, aten.log1p.default, aten.expm1.default, aten.tanh.default}
+#: the dtypes the rule runs small in
+REAL = (torch.float32, torch.float64)
 
 
 def _schema(node: Node) -> Any:
@@ -309,8 +313,10 @@ def _simplify(gm: GraphModule) -> tuple[GraphModule, dict[Node, torch.Tensor]]:
 
 def _exact(node: Node) -> bool:
     """Whether ``node`` is one of the ``EXACT`` operations (``pow`` with an ``EXACT_POWERS`` exponent; ``add`` and
-    ``sub`` without a scale ``alpha``: with one, the vector loop fuses a multiply-add that the scalar loop need not)."""
-    if node.op != "call_function":
+    ``sub`` without a scale ``alpha``: with one, the vector loop fuses a multiply-add that the scalar loop need not),
+on float32 or float64 tensors alone."""
+    if node.op != "call_function" or not all(v is not None and v.dtype in REAL for v in map(
+            _val, [node, *node.all_input_nodes])):
         return False
     if node.target is aten.pow.Tensor_Scalar:
         return len(node.args) == 2 and type(node.args[1]) in (int, float) and node.args[1] in EXACT_POWERS
@@ -343,15 +349,22 @@ def _unexpand(a: Any) -> Any:
 def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphModule:
     """``gm`` with its pointwise operations on broadcast copies run on the smaller tensors (see the module's
     docstring), and its folded constants held as the smaller tensors they are copies of; ``gm`` unchanged where
-    there are none. Raises where the shapes and strides of what remains, propagated again, are not what they were
-    (``simplify`` then keeps the graph as traced)."""
+    there are none. Raises where what reads a rewritten value gets another layout (on fake tensors) than it had
+    (``simplify`` then keeps the graph as simplified before this rule)."""
     graph = gm.graph
     small: dict[Node, torch.Tensor | None] = {}  # node -> its smaller constant (folded), or None (an operation)
     pinned = {n for n in graph.nodes if n.op == "output"}
 
+    def dims(a: Node) -> int:  # the dimensions of what the smaller operation reads in a's place
+        if a.target is aten.expand.default:
+            return _val(a.args[0]).dim()
+        return max((dims(b) for b in a.all_input_nodes), default=0) if small.get(a, 1) is None else _val(a).dim()
+
     def form(a: Node) -> bool:  # an argument the smaller operation can take in its place
         v = _val(a)
-        return v is not None and (a.target is aten.expand.default or a in small or v.dim() == 0)
+        # a 0-dim tensor under an expand promotes as a dimensioned one (s.expand(3, 4) * x in s's dtype) and alone
+        # as a number (s * x in x's): it stays where it is
+        return v is not None and (v.dim() == 0 or ((a.target is aten.expand.default or a in small) and dims(a)))
 
     for node, value in constants.items():
         c = _smaller(value)
@@ -366,8 +379,9 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
             ok = bool(args) and all(form(a) for a in args) and any(_val(a).dim() for a in args)
         elif node.target in UNARY and len(args) == 1 and args[0] is node.args[0] and \
                 args[0].target is aten.expand.default:
-            b = _val(args[0].args[0])  # one contiguous row of the copy: the kernel splits each row as it did
-            ok = b is not None and b.dim() >= 1 and b.stride(-1) == 1 and b.numel() == b.shape[-1] == v.shape[-1]
+            b = _val(args[0].args[0])  # one contiguous row of the copy, of the output's dtype
+            ok = b is not None and b.dim() >= 1 and b.stride(-1) == 1 and b.numel() == b.shape[-1] == v.shape[-1] \
+                > 1 and b.dtype == v.dtype and v.dtype in REAL
         else:
             ok = False
         if ok:
@@ -385,9 +399,10 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
         return gm
     from torch._subclasses.fake_tensor import FakeTensor
 
-    mode = next((v.fake_mode for v in map(_val, graph.nodes) if isinstance(v, FakeTensor)), None)
-    if mode is None:  # a graph traced on real tensors: nothing to propagate shapes with
+    modes = {v.fake_mode for v in map(_val, graph.nodes) if isinstance(v, FakeTensor)}
+    if len(modes) != 1:  # values of no fake mode, or of several (make_fx's real tracing): left as it is
         return gm
+    mode = modes.pop()
     readers: set[Node] = set()
     for i, node in enumerate([n for n in graph.nodes if n in small]):
         v = _val(node)
@@ -400,14 +415,22 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
                 inner.meta["val"] = mode.from_tensor(held)
             else:
                 inner = graph.call_function(node.target, torch.fx.node.map_arg(node.args, _unexpand), node.kwargs)
-                shape = torch.broadcast_shapes(*(tuple(_val(_unexpand(a)).shape) for a in node.all_input_nodes))
-                inner.meta["val"] = v.new_empty(shape)
+                args = torch.fx.node.map_arg((inner.args, inner.kwargs), _val)
+                with mode:
+                    inner.meta["val"] = node.target(*args[0], **args[1])
+                if inner.meta["val"].dtype != v.dtype:  # a 0-dim tensor under an expand promotes as a dimensioned
+                    # one (s.expand(3, 4) * x in s's dtype), and alone as a number (s * x in x's): another result
+                    raise RuntimeError(f"running {node.name} small would change its dtype")
             wide = graph.call_function(aten.expand.default, (inner, list(v.shape)))
             wide.meta["val"] = inner.meta["val"].expand(v.shape)
         node.replace_all_uses_with(wide)
         graph.erase_node(node)
         readers.update(wide.users)
     graph.eliminate_dead_code()
+    read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for node, held in small.items():
+        if held is not None and node.target not in read:  # a folded constant now held small: the whole one goes
+            delattr(gm, node.target)
     # what reads a broadcast view where it read a whole tensor: its output's layout (on fake tensors, from the
     # shapes and strides alone) must be what it was, or the strides of everything after it could differ
     for node in readers:

@@ -99,7 +99,7 @@ def _broadcasts(x: torch.Tensor, s: torch.Tensor) -> list[torch.Tensor]:
         seed = torch.ones((), dtype=x.dtype).expand(3, x.shape[0], 1) / 7  # a broadcast constant
         loss = -(lp.sum(-1, keepdim=True) * seed).sum()
         (grad,) = torch.autograd.grad(loss, [s])
-    column = x[:, :1].exp().expand(3, *x.shape)  # a column broadcast along rows: not one row of the copy
+    column = x[:, :1].exp().expand(3, *x.shape)  # a column broadcast along rows: the rule asks for one row
     doubled = scale.detach() * 2  # read by a sum, which may add a broadcast view in another order: stays whole
     return [loss.detach(), grad, (column.log() * 2).sum(), doubled.sum(), (doubled * x).sum(-1)]
 
@@ -186,8 +186,8 @@ def test_pointwise_operations_on_a_broadcast_copy_run_on_the_smaller_tensor_wher
     shapes = {str(n.target): [] for n in gm.graph.nodes}
     for n in gm.graph.nodes:
         shapes[str(n.target)].append(tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else ())
-    # the scale's log runs on its row of 40; the column's log on the whole copy (a column is not one row: the
-    # kernel would split the smaller tensor into other vector and scalar parts than the rows of the copy)
+    # the scale's log runs on its row of 40; the column's log on the whole copy (a column is not one row, and a
+    # transcendental function runs small only on a row)
     assert (40,) in shapes["aten.log.default"] and (3, 6, 40) in shapes["aten.log.default"]
     # 2σ² once per feature; the copy doubled for a sum stays whole (a reduction may add a broadcast view in
     # another order)
@@ -195,6 +195,56 @@ def test_pointwise_operations_on_a_broadcast_copy_run_on_the_smaller_tensor_wher
     # the broadcast constant is held as its one value
     held = [b for name, b in gm.named_buffers() if name.startswith("_small")]
     assert held and all(b.numel() < 3 * 6 for b in held)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {name for name, _ in gm.named_buffers()} == read  # the whole constant it replaced is not kept
+
+
+def _promotes(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    return [s.expand(3, 4) * x.expand(3, 4) + y]  # s 0-dim: expanded, it promotes as a tensor with dimensions
+
+
+def _complex(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    return [a.expand(64, 3) * b.expand(64, 3) + y]  # a complex product: its two loops round differently
+
+
+def _sigmoid(s: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    # sigmoid's vector loop and its scalar loop round differently; two threads split the copy (more than ATen's
+    # grain of 32,768 elements) in the middle of a row, where the row alone would not be split
+    return [torch.sigmoid(s.expand(101, 1000)) * y]
+
+
+BROADCAST_TRAPS: dict[str, Case] = {
+    "promotion, a 0-dim tensor under an expand": (_promotes, [torch.randn(4, dtype=torch.float16),
+                                                             torch.tensor(0.1, dtype=torch.float32),
+                                                             torch.zeros(3, 4)]),
+    "promotion, two 0-dim tensors": (lambda x, s: [x.expand(3, 4) * s + 1],
+                                     [torch.tensor(0.1), torch.tensor(0.3, dtype=torch.float64)]),
+    "complex": (_complex, [torch.randn(64, 1, dtype=torch.complex64), torch.randn(64, 1, dtype=torch.complex64),
+                           torch.zeros(64, 3, dtype=torch.complex64)]),
+    "sigmoid": (_sigmoid, [torch.linspace(-6, 6, 20001), torch.ones(101, 1000)]),
+}
+
+
+@pytest.mark.parametrize("name", list(BROADCAST_TRAPS))
+def test_the_broadcast_rule_leaves_what_would_promote_or_round_otherwise(name: str) -> None:
+    # each found by review to change bits or dtype under a first version of the rule (a 0-dim base promoted as a
+    # number, complex products and sigmoid's two loops rounded differently)
+    fn, inputs = BROADCAST_TRAPS[name]
+    if name == "sigmoid":  # a row of values whose sigmoid the two loops round differently (about 4% of them)
+        x = inputs[0]
+        strided = torch.empty(2 * len(x))[::2]  # a strided input takes the scalar loop
+        strided.copy_(x)
+        bad = x[torch.sigmoid(x) != torch.sigmoid(strided)]
+        assert len(bad)
+        inputs = [bad[torch.arange(1000) % len(bad)], inputs[1]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        traced = make_fx(fn, tracing_mode="fake")(*inputs)
+        want, got = traced(*inputs), replay(simplify(traced))(*inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(w.dtype == g.dtype and torch.equal(w, g) for w, g in zip(want, got, strict=True))
 
 
 def test_the_broadcast_rule_failing_leaves_the_rest_of_the_simplification(monkeypatch: pytest.MonkeyPatch) -> None:
