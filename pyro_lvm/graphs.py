@@ -25,6 +25,7 @@ attribute lookups and ``__call__``: about 0.6 µs less per operation.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import operator
 from collections.abc import Callable
@@ -34,6 +35,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 aten = torch.ops.aten
+#: where a rule could not reason about a graph and left it (debug level: the graph still runs, as traced)
+_LOG = logging.getLogger(__name__)
 
 #: ``op(x, c)`` is ``x`` when the constant ``c`` is 0 (``RIGHT_ZERO``) or 1 (``RIGHT_ONE``)
 RIGHT_ZERO = {aten.add.Tensor, aten.sub.Tensor}
@@ -234,12 +237,14 @@ def simplify(gm: GraphModule) -> GraphModule:
         return gm
     try:
         gm, constants = _simplify(_copy(gm)[0])
-    except Exception:  # noqa: BLE001 - an optimisation: where it cannot reason, the graph runs as traced
+    except Exception as e:  # noqa: BLE001 - an optimisation: where it cannot reason, the graph runs as traced
+        _LOG.debug("simplify: left the graph as traced (%s: %s)", type(e).__name__, e)
         return gm
     try:  # the one rule that changes shapes, on a copy: where it cannot reason, the graph runs as simplified so far
         small, nodes = _copy(gm)
         return _run_small(small, {nodes[n]: v for n, v in constants.items() if n in nodes and n.users})
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
+        _LOG.debug("simplify: no operation runs small (%s: %s)", type(e).__name__, e)
         return gm
 
 

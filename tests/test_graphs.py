@@ -247,7 +247,8 @@ def test_the_broadcast_rule_leaves_what_would_promote_or_round_otherwise(name: s
     assert all(w.dtype == g.dtype and torch.equal(w, g) for w, g in zip(want, got, strict=True))
 
 
-def test_the_broadcast_rule_failing_leaves_the_rest_of_the_simplification(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_broadcast_rule_failing_leaves_the_rest_of_the_simplification(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import pyro_lvm.graphs as graphs
 
     x, s = CASES["broadcasts"][1]
@@ -258,7 +259,9 @@ def test_the_broadcast_rule_failing_leaves_the_rest_of_the_simplification(monkey
         raise RuntimeError("a layout changed")
 
     monkeypatch.setattr(graphs, "_run_small", fail)
-    gm = simplify(traced)
+    with caplog.at_level("DEBUG", logger="pyro_lvm.graphs"):
+        gm = simplify(traced)
+    assert "no operation runs small (RuntimeError: a layout changed)" in caplog.text  # said, for whoever looks
     assert gm is not traced and _calls(gm) < _calls(traced)
     assert not any(name.startswith("_small") for name, _ in gm.named_buffers())
     state = torch.get_rng_state()
