@@ -319,7 +319,7 @@ def _simplify(gm: GraphModule) -> tuple[GraphModule, dict[Node, torch.Tensor]]:
 def _exact(node: Node) -> bool:
     """Whether ``node`` is one of the ``EXACT`` operations (``pow`` with an ``EXACT_POWERS`` exponent; ``add`` and
     ``sub`` without a scale ``alpha``: with one, the vector loop fuses a multiply-add that the scalar loop need not),
-on float32 or float64 tensors alone."""
+    on float32 or float64 tensors alone."""
     if node.op != "call_function" or not all(v is not None and v.dtype in REAL for v in map(
             _val, [node, *node.all_input_nodes])):
         return False
@@ -346,6 +346,14 @@ def _smaller(value: torch.Tensor) -> torch.Tensor | None:
     return small.contiguous() if small.numel() < value.numel() else None
 
 
+def _fake_run(node: Node, mode: Any) -> Any:
+    """What ``node``'s operation gives on its arguments' ``meta["val"]`` (fake tensors of ``mode``): the shape,
+    dtype and strides of its value, computed from theirs alone."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), _val)
+    with mode:
+        return node.target(*args, **kwargs)
+
+
 def _unexpand(a: Any) -> Any:
     """What an ``expand`` broadcasts (its input), for an argument that is one; the argument otherwise."""
     return a.args[0] if isinstance(a, Node) and a.target is aten.expand.default else a
@@ -358,26 +366,26 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
     (``simplify`` then keeps the graph as simplified before this rule)."""
     graph = gm.graph
     small: dict[Node, torch.Tensor | None] = {}  # node -> its smaller constant (folded), or None (an operation)
-    pinned = {n for n in graph.nodes if n.op == "output"}
-
-    def dims(a: Node) -> int:  # the dimensions of what the smaller operation reads in a's place
-        if a.target is aten.expand.default:
-            return _val(a.args[0]).dim()
-        return max((dims(b) for b in a.all_input_nodes), default=0) if small.get(a, 1) is None else _val(a).dim()
+    rank: dict[Node, int] = {}  # node in small -> the number of dimensions of its smaller value
+    out = next(n for n in graph.nodes if n.op == "output")
 
     def form(a: Node) -> bool:  # an argument the smaller operation can take in its place
         v = _val(a)
+        if v is None or v.dim() == 0:
+            return v is not None
         # a 0-dim tensor under an expand promotes as a dimensioned one (s.expand(3, 4) * x in s's dtype) and alone
         # as a number (s * x in x's): it stays where it is
-        return v is not None and (v.dim() == 0 or ((a.target is aten.expand.default or a in small) and dims(a)))
+        if a.target is aten.expand.default:
+            return _val(a.args[0]).dim() > 0
+        return a in small and rank[a] > 0
 
     for node, value in constants.items():
         c = _smaller(value)
         if c is not None:
-            small[node] = c
+            small[node], rank[node] = c, c.dim()
     for node in graph.nodes:
         v = _val(node)
-        if node.op != "call_function" or v is None or node.users.keys() & pinned:
+        if node.op != "call_function" or v is None or out in node.users:
             continue
         args = node.all_input_nodes
         if _exact(node):
@@ -391,11 +399,12 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
             ok = False
         if ok:
             small[node] = None
+            rank[node] = max(_val(_unexpand(a)).dim() if a not in small else rank[a] for a in args)
     changed = True
     while changed:  # what reads a smaller result reads it through an exact operation; what needs one has it
         changed = False
         for node in list(small):
-            if not all(u in small or (_exact(u) and u not in pinned) for u in node.users) or \
+            if not all(u in small or (_exact(u) and u is not out) for u in node.users) or \
                     (small[node] is None and node.target not in UNARY and
                      not all(form(a) for a in node.all_input_nodes)):
                 del small[node]
@@ -420,11 +429,8 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
                 inner.meta["val"] = mode.from_tensor(held)
             else:
                 inner = graph.call_function(node.target, torch.fx.node.map_arg(node.args, _unexpand), node.kwargs)
-                args = torch.fx.node.map_arg((inner.args, inner.kwargs), _val)
-                with mode:
-                    inner.meta["val"] = node.target(*args[0], **args[1])
-                if inner.meta["val"].dtype != v.dtype:  # a 0-dim tensor under an expand promotes as a dimensioned
-                    # one (s.expand(3, 4) * x in s's dtype), and alone as a number (s * x in x's): another result
+                inner.meta["val"] = _fake_run(inner, mode)
+                if inner.meta["val"].dtype != v.dtype:  # what form() rules out: checked, not assumed
                     raise RuntimeError(f"running {node.name} small would change its dtype")
             wide = graph.call_function(aten.expand.default, (inner, list(v.shape)))
             wide.meta["val"] = inner.meta["val"].expand(v.shape)
@@ -441,11 +447,8 @@ def _run_small(gm: GraphModule, constants: dict[Node, torch.Tensor]) -> GraphMod
     for node in readers:
         if node._erased or node in small:
             continue
-        args = torch.fx.node.map_arg((node.args, node.kwargs), _val)
-        with mode:
-            out = node.target(*args[0], **args[1])
         lay = _layout(node)
-        node.meta["val"] = out
+        node.meta["val"] = _fake_run(node, mode)
         if _layout(node) != lay:
             raise RuntimeError(f"running operations small changed the layout of {node.name}")
     graph.lint()

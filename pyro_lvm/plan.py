@@ -528,7 +528,7 @@ class DivergenceGuard(Callback):
         if not params:
             return
         norms = torch._foreach_norm(params, math.inf)  # the largest magnitude of all, in three operations
-        if any(m.dtype != norms[0].dtype or m.device != norms[0].device for m in norms):
+        if not _one_kind(norms):
             norms = [m.to(norms[0]) for m in norms]
         if float(torch.stack(norms).max()) <= self.MAX_PARAMETER:
             return
@@ -882,14 +882,18 @@ def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
 
 
+def _one_kind(tensors: list[torch.Tensor]) -> bool:
+    """Whether all ``tensors`` share the first one's device and dtype (one stack, one multi-tensor kernel)."""
+    return all(t.device == tensors[0].device and t.dtype == tensors[0].dtype for t in tensors)
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_(params, max_norm)``, the same numbers, without its pass over every gradient
     when there is nothing to clip (the scale ``max_norm / (norm + 1e-6)`` clamped to 1 multiplies by exactly 1)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    first = grads[0]
-    if all(type(g) is torch.Tensor and g.device == first.device and g.dtype == first.dtype for g in grads):
+    if _one_kind(grads) and all(type(g) is torch.Tensor for g in grads):
         # what get_total_norm computes for one device and dtype (the per-tensor norms, then the norm of those),
         # without its grouping by device and dtype (11 µs of a factor model's 40)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
