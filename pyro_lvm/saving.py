@@ -12,6 +12,7 @@ so a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import io
 import pickle
 from importlib import metadata
 from pathlib import Path
@@ -66,8 +67,16 @@ class Fitted(NamedTuple):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` written atomically (:func:`pyro_lvm.report.atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    """``torch.save`` written atomically (:func:`pyro_lvm.report.atomic_write`).
+
+    Serialized into memory first, then written: torch's zip writer finalizes itself in its destructor when a stop
+    (Ctrl-C, SIGTERM) lands after its last record but before its ``__exit__`` finalizes it, and by then the file it
+    was given has been closed, so the process aborts ("terminate called ... write to closed file"); a buffer is
+    never closed under it. The write to disk is then one plain write, whose errors (a full disk) are ``OSError``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with buffer.getbuffer() as data:
+        return atomic_write(path, lambda f: f.write(data), binary=True)
 
 
 def _cpu(state: dict[str, Any]) -> dict[str, Any]:
