@@ -194,15 +194,21 @@ def check_guide(spec: str, traits: ModelTraits) -> tuple[GuideEntry, int | None]
     return entry, arg
 
 
-def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None) -> PyroModule:
+def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None, *,
+                data_dim: int | None = None) -> PyroModule:
     """Build the guide named by ``spec`` for ``model``; errors name the valid choices.
 
     The guide remembers ``spec`` and ``config`` (``guide.spec``, ``guide.guide_config``), which is what
     :func:`pyro_lvm.save` stores to rebuild it.
-    """
-    from pyro_lvm.wrap import require_model
 
-    require_model(model, "model")
+    ``model`` may be a bare Pyro model function, with ``data_dim`` (the data's width): it is wrapped
+    (:func:`pyro_lvm.wrap_model`, defaults) into a model of the guide's own, which ``fit``, ``evaluate``,
+    ``to_inference_data``, ``inference_gaps`` and ``save`` find when given the same function and this guide
+    (two guides built from one function never share its parameters).
+    """
+    from pyro_lvm.wrap import remember_wrapped, wrap_for_guide
+
+    model = wrap_for_guide(model, data_dim)
     entry, arg = check_guide(spec, model.traits)
     config = config or GuideConfig()
     local, glob = split_pair(spec)
@@ -217,6 +223,7 @@ def build_guide(spec: str, model: LatentModel, config: GuideConfig | None = None
     # which model the guide belongs to: a token, not a reference (a guide never holds its model; it pickles)
     guide.__dict__["model_token"] = model.__dict__.setdefault("_guide_token", uuid.uuid4().hex)
     model.bind_guide(guide)  # a prior that shares the guide's encoder (VampPrior) gets it here
+    remember_wrapped(guide, model)
     return guide
 
 

@@ -515,9 +515,9 @@ def evaluate(
     config = config or EvalConfig()
     config = dataclasses.replace(config, **overrides) if overrides else config
     from pyro_lvm.guides import check_guide_belongs
-    from pyro_lvm.wrap import require_model
+    from pyro_lvm.wrap import model_for
 
-    require_model(model, "model")
+    model = model_for(model, guide)
     check_guide_belongs(model, guide)
     x = model.validate(x, name="evaluation data")
     was_training = model.training, getattr(guide, "training", False)

@@ -273,6 +273,9 @@ def inference_gaps(model: LatentModel, guide: Any, x: object, config: GapConfig 
             raise ValueError(f"inference_gaps: unknown setting(s) {', '.join(unknown)}; valid: "
                              f"{', '.join(f.name for f in dataclasses.fields(GapConfig))}")
         config = dataclasses.replace(config, **overrides)
+    from pyro_lvm.wrap import model_for
+
+    model = model_for(model, guide)
     if getattr(model, "local_site", None) is None or not hasattr(guide, "local_parameters"):
         raise ValueError("guide: inference gaps need a model with a per-point latent and a local guide (one with "
                          f"local_parameters and distribution_from); got {type(model).__name__} with "

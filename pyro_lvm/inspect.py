@@ -232,7 +232,9 @@ def to_inference_data(
     import arviz as az
 
     from pyro_lvm.saving import library_version
+    from pyro_lvm.wrap import model_for
 
+    model = model_for(model, guide)
     num_samples = _positive_int(num_samples, "num_samples")
     max_points = _positive_int(max_points, "max_points")
     if feature_names is None and hasattr(data, "columns"):

@@ -91,6 +91,9 @@ def save(path: str | Path, model: LatentModel, guide: Any, *, data: Any = None,
     ``data`` is a :class:`~pyro_lvm.data.Dataset` (its provenance is stored, so the standardization of
     the training split can be applied to new points) or ``None``; ``meta`` is stored as given.
     """
+    from pyro_lvm.wrap import model_for
+
+    model = model_for(model, guide) if callable(model) and not isinstance(model, LatentModel) else model
     if not isinstance(model, LatentModel) or not getattr(type(model), "name", ""):
         raise ValueError("model: expected a registered LatentModel (built by build_model or a model class)")
     if not hasattr(guide, "spec"):

@@ -676,9 +676,9 @@ def fit(
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
     from pyro_lvm.guides import check_guide_belongs
-    from pyro_lvm.wrap import require_model
+    from pyro_lvm.wrap import model_for
 
-    require_model(model, "model")
+    model = model_for(model, guide)
     elbo_name = resolve_elbo(model, config.elbo)
     problem = objective_problem(model.traits, config.objective, config.elbo, config.num_particles)
     if problem is not None:

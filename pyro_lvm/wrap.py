@@ -62,6 +62,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -716,14 +717,66 @@ class _InputTransformed(nn.Module):
         return self.net(ENCODER_INPUTS[self.transform](x))
 
 
+#: the model each guide built by ``build_guide(spec, fn, data_dim=D)`` for a bare function was wrapped into, held as
+#: long as the guide lives (the guide never holds its model): fit, evaluate, save, ... given that function and that
+#: guide find it here. One wrapped model per guide, so guides built for one function never share its parameters.
+_AUTO_WRAPPED: weakref.WeakKeyDictionary[Any, FunctionModel] = weakref.WeakKeyDictionary()
+
+
+def _label(fn: object) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def require_model(model: object, what: str) -> None:
     """A ``ValueError`` naming ``what`` unless ``model`` is a suite model; a bare Pyro function gets the fix."""
     if isinstance(model, LatentModel):
         return
     if callable(model):
-        raise ValueError(f"{what}: {getattr(model, '__name__', type(model).__name__)} is a plain Pyro model; wrap "
-                         "it first: model = pyro_lvm.wrap_model(fn, data_dim=D), then pass that model")
+        raise ValueError(f"{what}: {_label(model)} is a plain Pyro model; wrap it first: model = "
+                         "pyro_lvm.wrap_model(fn, data_dim=D), then pass that model")
     raise ValueError(f"{what}: expected a model built by build_model or wrap_model, got {type(model).__name__}")
+
+
+def wrap_for_guide(model: object, data_dim: int | None, what: str = "model") -> LatentModel:
+    """``build_guide``'s model: ``model`` itself when it is a suite model; a bare Pyro function wrapped afresh
+    (:func:`wrap_model` with its defaults), which needs ``data_dim``."""
+    if isinstance(model, LatentModel) or not callable(model):
+        require_model(model, what)
+        return model  # type: ignore[return-value]
+    if data_dim is None:
+        raise ValueError(f"data_dim: {_label(model)} is a plain Pyro model function, and its guide needs the "
+                         "data's width: build_guide(spec, fn, data_dim=D), or wrap it first: model = "
+                         "pyro_lvm.wrap_model(fn, data_dim=D)")
+    return wrap_model(model, data_dim=data_dim)
+
+
+def remember_wrapped(guide: Any, model: LatentModel) -> None:
+    """Record that ``guide`` was built for ``model``, wrapped by :func:`wrap_for_guide` from a bare function."""
+    if isinstance(model, FunctionModel):
+        _AUTO_WRAPPED[guide] = model
+
+
+def model_for(model: object, guide: Any, what: str = "model") -> LatentModel:
+    """The suite model to use with ``guide``: ``model`` itself when it is one; for a bare Pyro function, the model
+    that ``build_guide(spec, fn, data_dim=D)`` wrapped it into for this guide. Otherwise a ``ValueError`` naming
+    ``what`` with the fix (a guide built elsewhere, e.g. Pyro's ``AutoNormal(fn)``, is not amortized and cannot
+    score held-out points)."""
+    if isinstance(model, LatentModel) or not callable(model):
+        require_model(model, what)
+        return model  # type: ignore[return-value]
+    try:
+        wrapped = _AUTO_WRAPPED.get(guide)
+    except TypeError:  # an unhashable guide: not one of ours
+        wrapped = None
+    if wrapped is None:
+        raise ValueError(f"{what}: {_label(model)} is a plain Pyro model function and this guide "
+                         f"({type(guide).__name__}) was not built for it by pyro_lvm.build_guide; build it with "
+                         "guide = pyro_lvm.build_guide(spec, fn, data_dim=D), or wrap the function first: model = "
+                         "pyro_lvm.wrap_model(fn, data_dim=D)")
+    if wrapped.fn is not model and getattr(wrapped, "net", None) is not model:
+        raise ValueError(f"{what}: the guide was built for the function {_label(wrapped.fn)}, not "
+                         f"{_label(model)}; build a guide for this one with build_guide(spec, fn, data_dim=D)")
+    return wrapped
 
 
 def wrap_model(fn: Any, *, data_dim: int, name: str | None = None, encoder_input: str = "auto",

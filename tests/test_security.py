@@ -131,3 +131,55 @@ def test_resume_refuses_a_training_checkpoint_that_runs_code(poisoned: tuple[Pat
     plant(out / "checkpoints" / GUIDE / "last.ckpt", marker)
     res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--resume", str(out), cwd=out.parent)
     assert_refused(res, marker, "last.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+DAMAGE = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "garbage": lambda b: b"not a checkpoint\n" * 64,
+    "empty": lambda b: b"",
+}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_resume_with_a_damaged_training_checkpoint_is_one_error_line(poisoned: tuple[Path, Path],
+                                                                     warm_cli: WarmCLI, how: str) -> None:
+    """An unfinished guide whose last.ckpt was cut short (a copy interrupted), overwritten or emptied: ``--resume``
+    says which file and what to do, in one line and exit 2, and writes nothing."""
+    out, _ = poisoned
+    (out / "checkpoints" / GUIDE / "fitted.pt").unlink()
+    (out / "results.json").unlink()
+    last = out / "checkpoints" / GUIDE / "last.ckpt"
+    last.write_bytes(DAMAGE[how](last.read_bytes()))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--resume", str(out), cwd=out.parent)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.stdout + res.stderr
+    assert "last.ckpt" in lines[0] and "not a readable pyro_lvm file" in lines[0] and "delete it" in lines[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("entry", [("guide", "spec"), ("model", "config"), ("model",)])
+def test_a_fitted_file_missing_an_entry_is_one_error_naming_it(run: Path, tmp_path: Path, warm_cli: WarmCLI,
+                                                                entry: tuple[str, ...]) -> None:
+    """``load`` of a fitted.pt without an entry it needs: a ``ValueError`` naming the entry (not a ``KeyError``);
+    through ``--from-checkpoints``, the same as one error line and exit 2."""
+    out = tmp_path / "R"
+    shutil.copytree(run, out)
+    path = out / "checkpoints" / GUIDE / "fitted.pt"
+    ckpt = torch.load(path, weights_only=True)
+    parent = ckpt
+    for k in entry[:-1]:
+        parent = parent[k]
+    del parent[entry[-1]]
+    torch.save(ckpt, path)
+    name = ".".join(entry)
+    with pytest.raises(ValueError, match=rf"damaged pyro_lvm file, it has no entry '{name}'"):
+        pyro_lvm.load(path)
+    res = cli(warm_cli, "factor_analysis", *BASE, "--guide", GUIDE, "--from-checkpoints", str(out),
+              "--output", str(tmp_path / "scored"), cwd=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert f"no entry '{name}'" in lines[0] and "Traceback" not in res.stderr
+    assert not (tmp_path / "scored" / "results.json").exists()

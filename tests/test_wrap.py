@@ -18,6 +18,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from cli_runner import WarmCLI
 
 import pyro_lvm
 from pyro_lvm.guides import usable_guides
@@ -178,7 +179,7 @@ def _no_latent(x):
         pyro.sample("x", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1), obs=x)
 
 
-@pytest.mark.parametrize("fn,needle", [
+RULES = [
     (_no_plate, "no site is inside pyro.plate('data', len(x)) (sites: 'z', 'x')"),
     (_global_follows_points, "site 'w' is outside pyro.plate('data', len(x)) but its shape follows the points"),
     (_plate_at_dim_2, "at dim -2"),
@@ -188,22 +189,55 @@ def _no_latent(x):
     (_global_without_prior, "global latent site 'tau' has no prior"),
     (_observed_outside, "observed site 'x' is outside pyro.plate('data'"),
     (_no_latent, "no local latent site"),
-])
+]
+
+
+@pytest.mark.parametrize("fn,needle", RULES)
 def test_each_rule_is_one_error_naming_the_site_at_wrap_time(fn: object, needle: str) -> None:
     with pytest.raises(ValueError) as e:
         pyro_lvm.wrap_model(fn, data_dim=3)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_bare_function_is_refused_with_the_fix() -> None:
-    x = _data("poisson_pca")
-    model = pyro_lvm.wrap_model(functions.poisson_pca, data_dim=5)
-    guide = pyro_lvm.build_guide("amortized", model)
-    for call in (lambda: pyro_lvm.build_guide("amortized", functions.poisson_pca),
-                 lambda: pyro_lvm.fit(functions.poisson_pca, guide, x, epochs=1),
-                 lambda: pyro_lvm.evaluate(functions.poisson_pca, guide, x)):
-        with pytest.raises(ValueError, match=r"^model: poisson_pca is a plain Pyro model; wrap it first"):
+def test_a_bare_function_is_wrapped_by_build_guide_and_found_again_by_fit_evaluate_and_save(tmp_path: Path) -> None:
+    """``build_guide(spec, fn, data_dim=D)`` wraps the function into a model of the guide's own; ``fit``,
+    ``evaluate``, ``to_inference_data`` and ``save`` given the function and that guide use that model: the same
+    numbers, bit for bit, as the explicit ``wrap_model`` path under one seed. Two guides built from one function
+    never share its parameters (a comparison of families would otherwise train one model twice)."""
+    fn, x = functions.poisson_pca, _data("poisson_pca")
+    torch.manual_seed(1)
+    explicit = pyro_lvm.wrap_model(fn, data_dim=5)
+    g_explicit = pyro_lvm.build_guide("amortized", explicit)
+    pyro_lvm.fit(explicit, g_explicit, x, epochs=3, seed=0)
+    torch.manual_seed(1)
+    g = pyro_lvm.build_guide("amortized", fn, data_dim=5)
+    other = pyro_lvm.build_guide("amortized", fn, data_dim=5)
+    before = pyro_lvm.load(pyro_lvm.save(tmp_path / "other0.pt", fn, other)).model.state_dict()
+    pyro_lvm.fit(fn, g, x, epochs=3, seed=0)
+    ours, theirs = (pyro_lvm.evaluate(m, gg, x, iwae_k=8, seed=0) for m, gg in ((fn, g), (explicit, g_explicit)))
+    assert ours["elbo"] == theirs["elbo"] and ours["iwae"] == theirs["iwae"]
+    loaded = pyro_lvm.load(pyro_lvm.save(tmp_path / "g.pt", fn, g))
+    assert all(torch.equal(v, explicit.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    after = pyro_lvm.load(pyro_lvm.save(tmp_path / "other1.pt", fn, other)).model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the other guide's model did not train
+    idata = pyro_lvm.to_inference_data(fn, g, x, num_samples=4, seed=0)
+    assert (idata.posterior["s"] > 0).all()
+
+
+def test_a_bare_function_without_its_guide_is_refused_with_the_fix() -> None:
+    fn, x = functions.poisson_pca, _data("poisson_pca")
+    with pytest.raises(ValueError, match=r"^data_dim: poisson_pca is a plain Pyro model function.*data_dim=D"):
+        pyro_lvm.build_guide("amortized", fn)
+    autoguide = pyro.infer.autoguide.AutoNormal(fn)  # not amortized: it cannot score a held-out point
+    for call in (lambda: pyro_lvm.fit(fn, autoguide, x, epochs=1),
+                 lambda: pyro_lvm.evaluate(fn, autoguide, x)):
+        with pytest.raises(ValueError, match=r"^model: poisson_pca is a plain Pyro model function and this guide "
+                                             r"\(\w+\) was not built for it by pyro_lvm.build_guide"):
             call()
+    mine = pyro_lvm.build_guide("amortized", fn, data_dim=5)
+    with pytest.raises(ValueError, match=r"^model: the guide was built for the function poisson_pca, not "
+                                         r"factor_analysis"):
+        pyro_lvm.evaluate(functions.factor_analysis, mine, _data("factor_analysis"))
 
 
 def test_the_encoder_input_follows_the_likelihood_and_is_stored(tmp_path: Path) -> None:
@@ -350,6 +384,30 @@ def test_fit_command_refuses_a_broken_model_in_one_line(tmp_path: Path, body: st
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     assert needle in lines[0] and "Traceback" not in res.stdout + res.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_each_rule_through_the_real_command_line_is_one_error_line_and_nothing_written(
+        tmp_path: Path, warm_cli: WarmCLI) -> None:
+    """Every wrap-time rule of :data:`RULES`, the function given to ``python -m pyro_lvm.experiments fit --model
+    FILE:NAME`` (a process of its own, forked from the session's warm interpreter): exit 2, exactly one
+    ``error:`` line naming the site and the rule, no traceback, and the output directory left empty."""
+    import inspect as _inspect
+
+    src = tmp_path / "broken.py"
+    src.write_text("import pyro, pyro.distributions as dist, torch\n\n\n"
+                   + "\n\n".join(_inspect.getsource(fn) for fn, _ in RULES))
+    pending = [(fn.__name__, needle, tmp_path / fn.__name__,
+                warm_cli.submit("pyro_lvm.experiments", ["fit", "--model", f"{src}:{fn.__name__}", "--dataset",
+                                                         "wine", "--epochs", "1", "--iwae-k", "2", "--output",
+                                                         str(tmp_path / fn.__name__)], tmp_path))
+               for fn, needle in RULES]
+    for name, needle, out, job in pending:
+        res = job.result()
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (name, res.stderr)
+        needle = needle.split(" has batch shape")[0] if "batch shape" in needle else needle  # N is the data's
+        assert needle in lines[0] and "Traceback" not in res.stdout + res.stderr, (name, lines[0])
+        assert not out.exists() or not any(out.iterdir()), name
 
 
 def test_fit_command_runs_a_count_model_end_to_end(tmp_path: Path) -> None:
@@ -522,3 +580,31 @@ def test_a_pyro_module_class_wraps_as_load_rebuilds_it_and_runs_from_the_command
     row = json.loads((out / "results.json").read_text())["results"][0]
     assert row["model"]["standardized"] is False and row["config"]["guide"]["hidden"] == [16, 8]
     assert row["config"]["train"]["warmup_epochs"] == 1 and row["epochs_run"] == 3
+
+
+def fa_with_total_size(x: torch.Tensor, total_size: int | None = None) -> None:
+    """:func:`pyro_lvm.models.functions.factor_analysis` as Pyro's tutorials write a minibatched model: the data
+    plate sized by a ``total_size`` argument (the library rescales minibatches itself and calls ``fn(x)``)."""
+    d = x.shape[-1]
+    W = pyro.param("W", lambda: 0.1 * torch.randn(functions.K, d))
+    mu = pyro.param("mu", lambda: torch.zeros(d))
+    psi = pyro.param("psi", lambda: torch.ones(d), constraint=dist.constraints.positive)
+    with pyro.plate("data", total_size or len(x), subsample_size=len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([functions.K]).to_event(1))
+        pyro.sample("x", dist.Normal(mu + z @ W, psi.sqrt()).to_event(1), obs=x)
+
+
+def test_a_function_that_takes_total_size_still_works() -> None:
+    """Minibatches of 8 from 24 points: the function with a ``total_size`` argument trains and scores exactly as
+    the one without (the library's rescaling, not the function's, applies in both)."""
+    x = _data("factor_analysis")
+    results = []
+    for fn in (functions.factor_analysis, fa_with_total_size):
+        torch.manual_seed(3)
+        model = pyro_lvm.wrap_model(fn, data_dim=5)
+        guide = pyro_lvm.build_guide("amortized", model)
+        pyro_lvm.fit(model, guide, x, epochs=3, batch_size=8, seed=0)
+        results.append((pyro_lvm.evaluate(model, guide, x, iwae_k=8, seed=0), model.state_dict()))
+    (a, sa), (b, sb) = results
+    assert a["elbo"] == b["elbo"] and a["iwae"] == b["iwae"]
+    assert all(torch.equal(v, sb[k]) for k, v in sa.items())
