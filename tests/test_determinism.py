@@ -160,3 +160,13 @@ def test_inference_gaps_is_deterministic(tmp_path: Path, fa_runs: tuple[Path, Pa
         "--seed", "2"], warm_cli)
     doc = _assert_same(a, b, netcdf=0)
     assert [r["guide"] for r in doc["results"]] == ["exact", "amortized"]
+
+
+def test_fit_of_a_users_function_is_deterministic(tmp_path: Path, warm_cli: WarmCLI) -> None:
+    """``pyro-lvm fit`` on a function with global latents (Bayesian PCA: W under a prior, guided by ``meanfield``)
+    and a local one, with --inspect: the same results and .nc bytes from one seed."""
+    a, b = _run_twice(tmp_path, "fit", [
+        "--model", "pyro_lvm.models.functions:bayesian_pca", "--dataset", "wine", "--guide", "amortized+meanfield",
+        "--epochs", "2", "--iwae-k", "4", "--seed", "4", *INSPECT], warm_cli)
+    doc = _assert_same(a, b, netcdf=1)  # amortized+meanfield's .nc
+    assert [r["guide"] for r in doc["results"]] == ["amortized+meanfield"]

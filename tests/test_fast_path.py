@@ -274,6 +274,26 @@ def test_where_tracing_does_not_apply_the_fit_says_so_once_and_trains_eagerly(
     assert fr.steps == 400
 
 
+@pytest.mark.parametrize("fields,elbo,objective,steps,expected", [
+    ({}, "trace", "elbo", 1000, ("traced", "")),
+    ({}, "trace", "elbo", train_module.COMPILE_MIN_STEPS, ("compiled", "")),
+    ({}, "trace", "elbo", train_module.TRACE_MIN_STEPS - 1, ("eager", "")),  # too short to gain: no news
+    ({"step": "eager"}, "trace", "elbo", 1000, ("eager", "")),
+    ({"devices": 2}, "trace", "elbo", 1000, ("eager", "data-parallel training (DDP)")),
+    ({"num_nodes": 2}, "trace", "elbo", 1000, ("eager", "data-parallel training (DDP)")),
+    ({"precision": "bf16-mixed"}, "trace", "elbo", 1000, ("eager", "precision 'bf16-mixed' casts")),
+    ({}, "meanfield", "elbo", 1000, ("eager", "elbo 'meanfield' runs in Pyro")),
+    ({"objective": "iwae:5"}, "trace", "iwae", 1000, ("eager", "the objective 'iwae:5' has no traced step")),
+])
+def test_each_reason_the_fast_step_does_not_apply_is_named(fields: dict[str, Any], elbo: str, objective: str,
+                                                            steps: int, expected: tuple[str, str]) -> None:
+    """The default step's choice, case by case: the compiled and traced steps where they train the same estimator;
+    eager otherwise, with the reason the fit logs once (data parallelism, a casting precision, another estimator
+    or objective), and no note where eager is what was asked for or the fit is too short to gain."""
+    kind, note = train_module._step_kind(TrainConfig(**fields), elbo, objective, steps, has_params=True)
+    assert kind == expected[0] and (expected[1] in note if expected[1] else note == "")
+
+
 def test_a_guide_site_that_is_not_reparameterised_is_refused_by_the_traced_loss() -> None:
     x, _ = make_factor_analysis_data(20, 5, 2, seed=0, dtype=torch.float32)
     model = _Discrete(FactorAnalysisConfig(5, 2))

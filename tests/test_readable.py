@@ -301,3 +301,32 @@ def test_the_posterior_figure_draws_the_standard_normal_prior_dashed_with_a_lege
     idata = pyro_lvm.to_inference_data(model, guide, x, num_samples=30, points=list(range(6)))
     pr.plot_posterior(idata, tmp_path / "no_prior.png")  # type: ignore[operator]
     assert not [label for label, _ in drawn[0] if "prior" in label]
+
+
+def test_each_posterior_panel_names_its_points_khat_in_red_above_the_threshold() -> None:
+    """The posterior figure's panels, one per (point, latent): the title carries the point's k̂, red where it is
+    above :data:`~pyro_lvm.posterior_report.PARETO_K_THRESHOLD` (the draws are not to be trusted), black where it is
+    below or −inf (the exact posterior), and no k̂ where none was estimated."""
+    import arviz as az
+    import matplotlib.colors as mcolors
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from pyro_lvm import posterior_report as pr
+
+    ks = [0.2, pr.PARETO_K_THRESHOLD + 0.2, float("-inf"), float("nan")]
+    import xarray as xr
+
+    points = [10, 11, 12, 13]
+    idata = az.from_dict(posterior={"z": np.zeros((1, 5, 4, 2))}, coords={"point": points, "latent": [0, 1]},
+                         dims={"z": ["point", "latent"]})
+    idata.add_groups(sample_stats=xr.Dataset({"pareto_k": ("point", ks)}, coords={"point": points}))
+    axes = Figure().subplots(4, 2).ravel()
+    pr._mark_reference(idata, idata.posterior, axes, None, {})
+    red = mcolors.to_rgba("tab:red")
+    for i, k in enumerate(ks):
+        for ax in axes[2 * i: 2 * i + 2]:  # the point's two latents
+            title = ax.title
+            assert (mcolors.to_rgba(title.get_color()) == red) == (k > pr.PARETO_K_THRESHOLD), (k, title.get_text())
+            assert ("k̂ = " in title.get_text()) == bool(np.isfinite(k)), (k, title.get_text())
+    assert "k̂ = 0.90" in axes[2].title.get_text()

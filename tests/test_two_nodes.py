@@ -2,7 +2,8 @@
 (``--num-nodes 2 --devices 1``, ``NODE_RANK`` 0 and 1, the rendezvous on 127.0.0.1) trains to the single-process
 fit's parameters, to the tolerance of ``tests/test_distributed.py``.
 
-The command is the README's multi-node command, run on one machine (each node's command differs from the other's
+The command is the documented multi-node command (docs/guide/scaling.md, "Two nodes, tested"; a test below keeps
+the two the same, flag for flag), run on one machine (each node's command differs from the other's
 only in ``NODE_RANK``):
 
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 NODE_RANK=0 \\
@@ -134,3 +135,19 @@ def test_two_nodes_on_one_machine_train_to_the_single_process_fit(tmp_path: Path
     assert losses_two == pytest.approx(losses_one, abs=1e-12)  # reduced over both nodes: the mean over all points
     for metric in ("exact_log_likelihood", "elbo", "iwae"):
         assert row_two["test"][metric] == pytest.approx(row_one["test"][metric], abs=1e-10), metric
+
+
+def test_the_documented_two_node_command_is_the_one_this_test_runs() -> None:
+    """docs/guide/scaling.md's "Two nodes, tested" command, token for token, is :func:`command` with
+    :data:`TWO_NODES` (the output it names), with the rendezvous of one node in its environment."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "scaling.md").read_text()
+    block = re.search(r"\*\*Two nodes, tested\.\*\*.*?```bash\n(.*?)```", page, re.S).group(1)
+    tokens = shlex.split(block.replace("\\\n", " "), comments=True)
+    env = [t for t in tokens if re.fullmatch(r"[A-Z_]+=\S*", t)]
+    assert env == ["MASTER_ADDR=127.0.0.1", "MASTER_PORT=29500", "NODE_RANK=0"]
+    documented = tokens[len(env):]
+    out = documented[documented.index("--output") + 1]
+    assert documented == ["python", *command(Path(out), TWO_NODES)[1:]]
