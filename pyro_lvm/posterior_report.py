@@ -63,6 +63,8 @@ PPC_MAX_DIM = 32
 PPC_FEATURES = 3
 #: replicated data sets drawn in the PPC (the first draws; each is an independent posterior draw)
 PPC_DRAWS = 50
+#: fewer inspected points than this: the PPC compares ECDFs, not KDEs
+PPC_KDE_MIN_POINTS = 10
 
 
 @dataclass(frozen=True)
@@ -431,10 +433,13 @@ def plot_ppc(idata: Any, path: str | Path, title: str = "") -> Path:
         fig, axes = _figure(math.ceil(n / ncols), ncols, 3.8, 3.0)
         for ax in axes.ravel()[n:]:
             ax.set_axis_off()
-        # counts: a KDE of a replicate that is constant has no density (ArviZ fails on it); compare ECDFs instead
+        # ECDFs rather than KDEs for counts (a KDE of a replicate that is constant has no density; ArviZ fails on it)
+        # and for a handful of points (a KDE of a few values shows mostly its kernel, and its bandwidth search costs
+        # seconds a figure there)
         discrete = bool(np.all(np.mod(idata.posterior_predictive["x"].values, 1) == 0))
-        az.plot_ppc(stats, ax=axes.ravel()[:n], kind="cumulative" if discrete else "kde", textsize=9, show=False,
-                    legend=True)
+        few = stats.observed_data.sizes["point"] < PPC_KDE_MIN_POINTS
+        az.plot_ppc(stats, ax=axes.ravel()[:n], kind="cumulative" if discrete or few else "kde", textsize=9,
+                    show=False, legend=True)
         for ax in axes.ravel()[1:n]:  # one legend says it all
             if ax.get_legend() is not None:
                 ax.get_legend().remove()
