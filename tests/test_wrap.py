@@ -257,7 +257,15 @@ def test_the_encoder_input_follows_the_likelihood_and_is_stored(tmp_path: Path) 
     assert loaded.model.encoder_input_name == "log1p"
 
 
-def test_a_function_in_a_file_loads_in_a_fresh_process_by_its_import_path(tmp_path: Path) -> None:
+def _script(warm_cli: WarmCLI, tmp_path: Path, name: str, code: str) -> subprocess.CompletedProcess:
+    """``python tmp_path/name.py`` holding ``code``: a process of its own, forked from the session's warm
+    interpreter (imports made, nothing run: no function, model or fit of this test is in it)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(code)
+    return warm_cli.run("", [], tmp_path, script=path)
+
+
+def test_a_function_in_a_file_loads_in_a_fresh_process_by_its_import_path(tmp_path: Path, warm_cli: WarmCLI) -> None:
     src = tmp_path / "mymodels.py"
     src.write_text(textwrap.dedent('''
         import pyro, pyro.distributions as dist, torch
@@ -290,7 +298,7 @@ def test_a_function_in_a_file_loads_in_a_fresh_process_by_its_import_path(tmp_pa
             out.append(pyro_lvm.evaluate(m, g, X[kind], iwae_k=8, seed=0)["elbo"])
         print(json.dumps(out))
     ''')
-    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    first = _script(warm_cli, tmp_path, "fit_and_save", script)
     assert first.returncode == 0, first.stderr
     load = textwrap.dedent(f'''
         import json, torch, pyro_lvm
@@ -301,13 +309,13 @@ def test_a_function_in_a_file_loads_in_a_fresh_process_by_its_import_path(tmp_pa
             out.append(pyro_lvm.evaluate(f.model, f.guide, X[kind], iwae_k=8, seed=0)["elbo"])
         print(json.dumps(out))
     ''')
-    second = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=600)
+    second = _script(warm_cli, tmp_path, "load", load)
     assert second.returncode == 0, second.stderr
     import json
 
     assert json.loads(second.stdout) == pytest.approx(json.loads(first.stdout), rel=1e-6)
     src.unlink()  # the module is gone: load says what to import
-    third = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=600)
+    third = _script(warm_cli, tmp_path, "load_again", load)
     assert third.returncode != 0 and "make the module that defines it importable" in third.stderr
 
 
@@ -351,16 +359,13 @@ def test_the_readme_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.
     assert set(idata.posterior.data_vars) >= {"z", "s"} and bool((idata.posterior["s"] > 0).all())
 
 
-def _cli(*args: str, cwd: Path, fresh: bool = False) -> subprocess.CompletedProcess:
-    """``pyro-lvm ARGS`` in ``cwd``: in a fresh interpreter (``fresh``), else through the same ``main`` in this one
-    (the interpreter's start and imports cost more than these tiny runs; ``fresh`` keeps one real ``python -m``)."""
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``pyro-lvm ARGS`` in ``cwd``, through the same ``main`` in this process (the tests that need a process of
+    their own, e.g. a refusal's exit status and stderr, fork one from the warm interpreter instead)."""
     import contextlib
     import io
     import os
 
-    if fresh:
-        return subprocess.run([sys.executable, "-m", "pyro_lvm.experiments", *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     from pyro_lvm.experiments.__main__ import main
 
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
@@ -389,13 +394,14 @@ def model(x):
 """, "local site 'c' is discrete"),
     (None, "cannot import"),
 ])
-def test_fit_command_refuses_a_broken_model_in_one_line(tmp_path: Path, body: str | None, needle: str) -> None:
+def test_fit_command_refuses_a_broken_model_in_one_line(tmp_path: Path, warm_cli: WarmCLI, body: str | None,
+                                                       needle: str) -> None:
     src = tmp_path / "mine.py"
     if body is not None:
         src.write_text("import pyro, pyro.distributions as dist, torch\n" + body)
     out = tmp_path / "out"
-    res = _cli("fit", "--model", f"{src}:model", "--dataset", "wine", "--epochs", "1", "--iwae-k", "2",
-               "--output", str(out), cwd=tmp_path, fresh=body is None)
+    res = warm_cli.run("pyro_lvm.experiments", ["fit", "--model", f"{src}:model", "--dataset", "wine", "--epochs",
+                                                "1", "--iwae-k", "2", "--output", str(out)], tmp_path)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
     assert needle in lines[0] and "Traceback" not in res.stdout + res.stderr
