@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
