@@ -209,7 +209,7 @@ def run_cli(experiment: Experiment | str, argv: Sequence[str] | None = None) -> 
             for line in notes:
                 print(line, file=sys.stderr)
         try:
-            with _terminate_as_exception():
+            with terminate_as_exception():
                 doc = run_experiment(experiment, cfg)
         except (KeyboardInterrupt, Terminated) as e:
             # finished guides are already in results.json (written after each); each unfinished guide's
@@ -232,7 +232,7 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
+def terminate_as_exception() -> Iterator[None]:
     """SIGTERM raises :class:`Terminated` in the main thread, so the run stops as on Ctrl-C (Lightning's own SIGTERM
     handler, installed during a fit, calls this one too)."""
     def handler(signum: int, frame: object) -> None:

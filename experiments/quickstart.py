@@ -36,7 +36,7 @@ from pyro_lvm.runtime import cli_threads
 from pyro_lvm.runtime import threads as runtime_threads
 
 from . import factor_analysis, gaussian_mixture, vae
-from .cli import ArgumentParser, Terminated, _terminate_as_exception, plain_text, run_main
+from .cli import ArgumentParser, Terminated, plain_text, run_main, terminate_as_exception
 
 #: section name -> run(seed, output_dir, smoke) -> results payload; ``smoke`` shrinks it to seconds (tests)
 SECTIONS: Registry[Callable[[int, str, bool], dict[str, Any]]] = Registry("quickstart section")
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done: Iterator[tuple[dict[str, Any], float]] = (run(name) for name in names) if jobs <= 1 else \
         _at_once(run, names, jobs)
     try:
-        with _terminate_as_exception():  # SIGTERM unwinds as Ctrl-C does: the workers are stopped on the way out
+        with terminate_as_exception():  # SIGTERM unwinds as Ctrl-C does: the workers are stopped on the way out
             for name, (payload, seconds) in zip(names, done, strict=True):
                 summary[name] = {"seconds": seconds, "results": f"{a.output}/{name}/results.json"}
                 print(results_table(payload, brief=True), flush=True)
