@@ -98,6 +98,14 @@ def save(path: str | Path, model: LatentModel, guide: Any, *, data: Any = None,
         raise ValueError("model: expected a registered LatentModel (built by build_model or a model class)")
     if not hasattr(guide, "spec"):
         raise ValueError("guide: expected a guide built by pyro_lvm.build_guide (it records its spec and config)")
+    target = getattr(getattr(model, "config", None), "target", None)
+    if isinstance(target, str) and target:
+        from pyro_lvm.wrap import importable
+
+        if not importable(target):
+            raise ValueError(f"model: its function {target!r} is a lambda or defined inside another function, so "
+                             "load could not import it; define it with def at the top level of a module (or "
+                             "script) and wrap that")
     provenance = data.provenance() if hasattr(data, "provenance") else data
     payload = {
         "format": FORMAT,

@@ -114,6 +114,10 @@ def import_target(target: str) -> Callable[..., Any]:
             module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError) as e:
+        if module_name == "__main__":  # saved from a script or a notebook, as pickle would store it
+            raise ValueError(f"model: cannot import {target!r}: {attr} was defined in the script or notebook that "
+                             f"saved the fit; define {attr} in the one that loads it too, or keep it in a module "
+                             "and wrap it there (wrap_model(fn, data_dim=D) stores its module's path)") from None
         raise ValueError(f"model: cannot import {target!r} ({e}); make the module that defines it importable "
                          "(install it, or run from its directory), or give path/to/file.py:function") from None
 
@@ -121,7 +125,16 @@ def import_target(target: str) -> Callable[..., Any]:
 def target_of(fn: Any) -> str:
     """The import path a function (or a ``PyroModule``'s class) is stored under."""
     obj = fn if callable(fn) and not isinstance(fn, nn.Module) else type(fn)
-    return f"{obj.__module__}:{obj.__qualname__}"
+    name = getattr(obj, "__qualname__", None)
+    if not name:
+        raise ValueError(f"fn: {fn!r} has no import path (a functools.partial or a callable object?); write the "
+                         "model as a def (or a PyroModule class) at the top level of a module")
+    return f"{getattr(obj, '__module__', None) or '__main__'}:{name}"  # code exec'd without a module: __main__'s
+
+
+def importable(target: str) -> bool:
+    """Whether a fresh process could import ``target`` by name: not a lambda or a function defined inside another."""
+    return "<lambda>" not in target and "<locals>" not in target
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,25 @@ class _ParamStore(Messenger):
     def __init__(self, owner: FunctionModel) -> None:
         super().__init__()
         self.owner = owner
+
+    def __enter__(self) -> _ParamStore:
+        # a PyroModule's own parameters (nn.Parameter, PyroParam) stay in the module: with module-local parameters
+        # off, a PyroParam would be copied into Pyro's global store and read back by a pyro.param with no value
+        from pyro_lvm.runtime import local_params
+
+        self._local = local_params(self.owner)
+        self._local.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._local.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._local.__exit__(*exc)
 
     def _pyro_param(self, msg: dict[str, Any]) -> None:
         if getattr(msg["fn"], "__func__", None) is not ParamStoreDict.get_param:
@@ -738,20 +770,28 @@ def require_model(model: object, what: str) -> None:
 
 
 def wrap_for_guide(model: object, data_dim: int | None, what: str = "model") -> LatentModel:
-    """``build_guide``'s model: ``model`` itself when it is a suite model; a bare Pyro function wrapped afresh
-    (:func:`wrap_model` with its defaults), which needs ``data_dim``."""
+    """``build_guide``'s model: ``model`` itself when it is a suite model; a bare Pyro function (or a ``PyroModule``
+    class) wrapped afresh (:func:`wrap_model` with its defaults), which needs ``data_dim``. A ``PyroModule``
+    instance is refused: every guide would train its one set of weights."""
     if isinstance(model, LatentModel) or not callable(model):
         require_model(model, what)
         return model  # type: ignore[return-value]
+    if isinstance(model, nn.Module):
+        raise ValueError(f"{what}: {type(model).__name__} is a PyroModule instance, whose weights every guide built "
+                         "from it would share; wrap it once, model = pyro_lvm.wrap_model(net, data_dim=D), and "
+                         "build each guide for that model (or pass the class, which is built afresh for each guide)")
     if data_dim is None:
         raise ValueError(f"data_dim: {_label(model)} is a plain Pyro model function, and its guide needs the "
                          "data's width: build_guide(spec, fn, data_dim=D), or wrap it first: model = "
                          "pyro_lvm.wrap_model(fn, data_dim=D)")
-    return wrap_model(model, data_dim=data_dim)
+    wrapped = wrap_model(model, data_dim=data_dim)
+    wrapped.__dict__["_wrapped_from"] = model  # what fit, evaluate, ... will be given: the function or the class
+    return wrapped
 
 
 def remember_wrapped(guide: Any, model: LatentModel) -> None:
-    """Record that ``guide`` was built for ``model``, wrapped by :func:`wrap_for_guide` from a bare function."""
+    """Record that ``guide`` was built for ``model`` (a wrapped function, by :func:`wrap_for_guide` or by the
+    caller's ``wrap_model``), so that calls given the function and this guide find the model."""
     if isinstance(model, FunctionModel):
         _AUTO_WRAPPED[guide] = model
 
@@ -769,12 +809,22 @@ def model_for(model: object, guide: Any, what: str = "model") -> LatentModel:
     except TypeError:  # an unhashable guide: not one of ours
         wrapped = None
     if wrapped is None:
+        if getattr(guide, "__dict__", {}).get("model_token") is not None:  # built by build_guide, then copied
+            raise ValueError(f"{what}: this guide was built by pyro_lvm.build_guide, but a copy of a guide (deepcopy, "
+                             "unpickled) loses the link to the model its function was wrapped into; pass that model "
+                             "instead of the function (pyro_lvm.wrap_model, or a loaded fit's .model)")
         raise ValueError(f"{what}: {_label(model)} is a plain Pyro model function and this guide "
                          f"({type(guide).__name__}) was not built for it by pyro_lvm.build_guide; build it with "
                          "guide = pyro_lvm.build_guide(spec, fn, data_dim=D), or wrap the function first: model = "
                          "pyro_lvm.wrap_model(fn, data_dim=D)")
-    if wrapped.fn is not model and getattr(wrapped, "net", None) is not model:
-        raise ValueError(f"{what}: the guide was built for the function {_label(wrapped.fn)}, not "
+    source = wrapped.__dict__.get("_wrapped_from")
+    if model is not source and model is not wrapped.fn and getattr(wrapped, "net", None) is not model:
+        was = source if source is not None else wrapped.fn
+        if _label(was) == _label(model):
+            raise ValueError(f"{what}: the guide was built for another {_label(model)} than this one (the function "
+                             "was defined again, e.g. a notebook cell run twice, or reloaded); build the guide again "
+                             "for this one with build_guide(spec, fn, data_dim=D)")
+        raise ValueError(f"{what}: the guide was built for the function {_label(was)}, not "
                          f"{_label(model)}; build a guide for this one with build_guide(spec, fn, data_dim=D)")
     return wrapped
 

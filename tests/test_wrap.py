@@ -237,6 +237,56 @@ def test_a_bare_function_without_its_guide_is_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match=r"^model: the guide was built for the function poisson_pca, not "
                                          r"factor_analysis"):
         pyro_lvm.evaluate(functions.factor_analysis, mine, _data("factor_analysis"))
+    namespace: dict[str, object] = {}
+    exec(textwrap.dedent(__import__("inspect").getsource(fn)), vars(functions) | namespace, namespace)  # noqa: S102
+    with pytest.raises(ValueError, match=r"^model: the guide was built for another poisson_pca than this one \(the "
+                                         r"function was defined again"):
+        pyro_lvm.evaluate(namespace["poisson_pca"], mine, x)  # a notebook cell run twice
+    import copy
+
+    with pytest.raises(ValueError, match=r"^model: this guide was built by pyro_lvm.build_guide, but a copy"):
+        pyro_lvm.evaluate(fn, copy.deepcopy(mine), x)
+
+
+class _Scaled(pyro.nn.PyroModule):
+    """A per-point positive scale s_n ~ LogNormal(0, 1), x_n | s_n ~ N(s_n w, I): a PyroModule model."""
+
+    def __init__(self, data_dim: int = 3) -> None:
+        super().__init__()
+        self.w = pyro.nn.PyroParam(torch.ones(data_dim))
+
+    def forward(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", len(x)):
+            s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(s.unsqueeze(-1) * self.w, 1.0).to_event(1), obs=x)
+
+
+def test_a_pyromodule_class_goes_in_as_a_function_does_and_an_instance_is_refused(tmp_path: Path) -> None:
+    x = _data("scaled")
+    guide = pyro_lvm.build_guide("amortized", _Scaled, data_dim=5)  # built afresh for this guide
+    pyro_lvm.fit(_Scaled, guide, x, epochs=2, seed=0)
+    assert pyro_lvm.evaluate(_Scaled, guide, x, iwae_k=4, seed=0)["iwae"] > -1e9
+    fitted = pyro_lvm.load(pyro_lvm.save(tmp_path / "s.pt", _Scaled, guide))
+    w = fitted.model.net.w  # the PyroParam trained as the model's own parameter (Pyro's global store untouched)
+    assert w.shape == (5,) and not torch.equal(w.detach(), torch.ones(5))
+    with pytest.raises(ValueError, match=r"^model: _Scaled is a PyroModule instance, whose weights every guide"):
+        pyro_lvm.build_guide("amortized", _Scaled(5), data_dim=5)
+
+
+def test_a_function_load_could_not_import_is_refused_by_save_and_main_is_explained(tmp_path: Path) -> None:
+    def nested(x: torch.Tensor) -> None:  # defined inside this test: <locals> in its qualified name
+        functions.factor_analysis(x)
+
+    guide = pyro_lvm.build_guide("amortized", nested, data_dim=5)
+    with pytest.raises(ValueError, match=r"^model: its function .*<locals>.* is a lambda or defined inside"):
+        pyro_lvm.save(tmp_path / "n.pt", nested, guide)
+    assert not (tmp_path / "n.pt").exists()
+    with pytest.raises(ValueError, match=r"^fn: .* has no import path"):
+        pyro_lvm.wrap_model(__import__("functools").partial(functions.factor_analysis), data_dim=5)
+    from pyro_lvm.wrap import import_target
+
+    with pytest.raises(ValueError, match=r"define my_model in the one that loads it too"):
+        import_target("__main__:my_model")  # a fit saved from a script, loaded where the script did not run
 
 
 def test_the_encoder_input_follows_the_likelihood_and_is_stored(tmp_path: Path) -> None:
