@@ -115,6 +115,14 @@ def local_params(*modules: object) -> Iterator[None]:
     Pyro decides a module's mode when it is built; ``modules`` (and their submodules) built outside this
     setting get the empty local parameter state Pyro would have given them, so they work inside it.
     """
+    local_state(*modules)
+    with pyro.settings.context(module_local_params=True):
+        yield
+
+
+def local_state(*modules: object) -> None:
+    """Give ``modules`` (and their submodules, and a guide's model) built outside ``module_local_params`` the empty
+    local parameter state Pyro would have given them inside it (see :func:`local_params`); once is enough."""
     # a guide refers to its model as ``_model = (model,)`` (not a submodule), and may run it (autoguides)
     modules = modules + tuple(m._model[0] for m in modules if isinstance(getattr(m, "_model", None), tuple))
     for m in modules:
@@ -123,8 +131,6 @@ def local_params(*modules: object) -> Iterator[None]:
                 ctx = getattr(sub, "_pyro_context", None)
                 if ctx is not None and not hasattr(ctx, "param_state"):
                     ctx.param_state = {"params": {}, "constraints": {}}
-    with pyro.settings.context(module_local_params=True):
-        yield
 
 
 @contextmanager

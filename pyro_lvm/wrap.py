@@ -83,6 +83,7 @@ from torch.distributions import biject_to, constraints
 from pyro_lvm.config import check_config
 from pyro_lvm.models.base import DATA_PLATE, LatentModel, ModelTraits, data_plate, in_data_plate, row_blocks
 from pyro_lvm.registry import MODELS, Registry, register_model
+from pyro_lvm.runtime import local_state
 
 #: transforms of x applied before every encoder, by name
 ENCODER_INPUTS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("encoder input")
@@ -185,10 +186,9 @@ class _ParamStore(Messenger):
 
     def __enter__(self) -> _ParamStore:
         # a PyroModule's own parameters (nn.Parameter, PyroParam) stay in the module: with module-local parameters
-        # off, a PyroParam would be copied into Pyro's global store and read back by a pyro.param with no value
-        from pyro_lvm.runtime import local_params
-
-        self._local = local_params(self.owner)
+        # off, a PyroParam would be copied into Pyro's global store and read back by a pyro.param with no value (the
+        # module's local parameter state was given once, when the model was built)
+        self._local = pyro.settings.context(module_local_params=True)
         self._local.__enter__()
         try:
             return super().__enter__()
@@ -431,6 +431,7 @@ class FunctionModel(LatentModel):
         self.unconstrained = nn.ParameterDict()
         self.constraints_: dict[str, Any] = {}
         self.data_dim = config.data_dim
+        local_state(self)  # its PyroModule's parameters kept local whenever the function runs (_ParamStore)
         self.sites, self.global_sites, self.observed_support = self._read_structure()
         self.__dict__["_log_likelihood"] = None
         if config.log_likelihood:
@@ -759,13 +760,13 @@ def _label(fn: object) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def require_model(model: object, what: str) -> None:
-    """A ``ValueError`` naming ``what`` unless ``model`` is a suite model; a bare Pyro function gets the fix."""
+def _suite_model(model: object, what: str) -> LatentModel | None:
+    """``model`` when it is a suite model, ``None`` when it is a bare Pyro function (or ``PyroModule``) to be wrapped,
+    and a ``ValueError`` naming ``what`` for anything else."""
     if isinstance(model, LatentModel):
-        return
+        return model
     if callable(model):
-        raise ValueError(f"{what}: {_label(model)} is a plain Pyro model; wrap it first: model = "
-                         "pyro_lvm.wrap_model(fn, data_dim=D), then pass that model")
+        return None
     raise ValueError(f"{what}: expected a model built by build_model or wrap_model, got {type(model).__name__}")
 
 
@@ -773,9 +774,9 @@ def wrap_for_guide(model: object, data_dim: int | None, what: str = "model") -> 
     """``build_guide``'s model: ``model`` itself when it is a suite model; a bare Pyro function (or a ``PyroModule``
     class) wrapped afresh (:func:`wrap_model` with its defaults), which needs ``data_dim``. A ``PyroModule``
     instance is refused: every guide would train its one set of weights."""
-    if isinstance(model, LatentModel) or not callable(model):
-        require_model(model, what)
-        return model  # type: ignore[return-value]
+    suite = _suite_model(model, what)
+    if suite is not None:
+        return suite
     if isinstance(model, nn.Module):
         raise ValueError(f"{what}: {type(model).__name__} is a PyroModule instance, whose weights every guide built "
                          "from it would share; wrap it once, model = pyro_lvm.wrap_model(net, data_dim=D), and "
@@ -801,9 +802,9 @@ def model_for(model: object, guide: Any, what: str = "model") -> LatentModel:
     that ``build_guide(spec, fn, data_dim=D)`` wrapped it into for this guide. Otherwise a ``ValueError`` naming
     ``what`` with the fix (a guide built elsewhere, e.g. Pyro's ``AutoNormal(fn)``, is not amortized and cannot
     score held-out points)."""
-    if isinstance(model, LatentModel) or not callable(model):
-        require_model(model, what)
-        return model  # type: ignore[return-value]
+    suite = _suite_model(model, what)
+    if suite is not None:
+        return suite
     try:
         wrapped = _AUTO_WRAPPED.get(guide)
     except TypeError:  # an unhashable guide: not one of ours
